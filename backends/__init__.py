@@ -1,0 +1,1 @@
+"""Lowerings of the qpass IR to runtimes: ``onnxruntime`` (QDQ ONNX) and ``cuda``."""

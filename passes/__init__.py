@@ -1,0 +1,1 @@
+"""The qpass pass library: one module per pass (``qpass passes`` lists them)."""

@@ -1,0 +1,140 @@
+"""Fuse a decomposed layer normalization into one ``LayerNormalization`` node (opset >= 17).
+
+Matches:   m = ReduceMean(x, last axis); d = Sub(x, m); v = ReduceMean(Pow(d, 2) | Mul(d, d));
+           n = Div(d, Sqrt(Add(v, eps))) | Mul(d, Reciprocal(Sqrt(Add(v, eps))));
+           optional Mul(n, gamma) and Add(., beta) with constants of the last axis' size.
+           ReduceMean axes as an attribute (opset < 18) or as an input (opset >= 18).
+Rewrites:  LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps); gamma = 1, beta = 0 when absent.
+Preserves: the float function. Kept and counted: models below opset 17, normalizations over
+           more than the last axis, intermediate values used elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.graph_utils import (
+    const_array,
+    const_scalar,
+    is_op,
+    only_consumer,
+    other_input,
+    reduce_axes,
+    replace_subgraph,
+    unique_name,
+)
+from qpass.model_io import opset_of
+from qpass.pass_base import Pass, PassReport
+
+__all__ = ["FuseLayerNormPass"]
+
+
+def _is_last_axis(node: ir.Node, x: ir.Value) -> bool:
+    axes = reduce_axes(node)
+    if axes is None or len(axes) != 1 or node.attributes.get_int("keepdims", 1) != 1:
+        return False
+    rank = x.shape.rank() if x.shape is not None else None
+    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
+
+
+def _channel_vector(value: ir.Value, channels: int | None) -> np.ndarray | None:
+    """A constant broadcastable along the last axis only, as a 1-D array of ``channels``."""
+    array = const_array(value)
+    if array is None or array.ndim == 0 or any(d != 1 for d in array.shape[:-1]):
+        return None
+    vector = array.reshape(-1)
+    if channels is not None and vector.size not in (1, channels):
+        return None
+    return vector
+
+
+def _match(mean1: ir.Node):
+    """Return (nodes, x, eps, gamma, beta, output) for a layer norm starting at ``mean1``, or a reason."""
+    x = mean1.inputs[0]
+    if not _is_last_axis(mean1, x):
+        return "ReduceMean is not over the last axis"
+    subs = [u.node for u in mean1.outputs[0].uses() if is_op(u.node, "Sub") and u.node.inputs[0] is x and u.idx == 1]
+    if len(subs) != 1 or len(mean1.outputs[0].uses()) != 1:
+        return "mean is used elsewhere"
+    sub = subs[0]
+    d = sub.outputs[0]
+    users = [u.node for u in d.uses()]
+    square = next((n for n in users if (is_op(n, "Pow") and const_scalar(n.inputs[1]) == 2.0) or (is_op(n, "Mul") and n.inputs[0] is d and n.inputs[1] is d)), None)
+    divide = next((n for n in users if n is not square and is_op(n, "Div", "Mul") and n.inputs[0] is d), None)
+    if square is None or divide is None or len(users) != 2 or d.is_graph_output():
+        return "deviation is not squared and divided"
+    mean2 = only_consumer(square.outputs[0])
+    if not is_op(mean2, "ReduceMean") or not _is_last_axis(mean2, d):
+        return "variance is not a ReduceMean over the last axis"
+    add_eps = only_consumer(mean2.outputs[0])
+    eps = const_scalar(other_input(add_eps, mean2.outputs[0])) if is_op(add_eps, "Add") else None
+    sqrt = only_consumer(add_eps.outputs[0]) if eps is not None else None
+    if not is_op(sqrt, "Sqrt"):
+        return "variance + eps is not followed by Sqrt"
+    nodes = [mean1, sub, square, mean2, add_eps, sqrt]
+    if divide.op_type == "Div":
+        if divide.inputs[1] is not sqrt.outputs[0]:
+            return "deviation is not divided by the standard deviation"
+    else:
+        recip = only_consumer(sqrt.outputs[0])
+        if not is_op(recip, "Reciprocal") or divide.inputs[1] is not recip.outputs[0]:
+            return "deviation is not multiplied by 1/std"
+        nodes.append(recip)
+    nodes.append(divide)
+    out = divide.outputs[0]
+    channels = x.shape[-1] if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int) else None
+    gamma = beta = None
+    nxt = only_consumer(out)
+    if is_op(nxt, "Mul") and (g := _channel_vector(other_input(nxt, out), channels)) is not None:
+        gamma, out = g, nxt.outputs[0]
+        nodes.append(nxt)
+        nxt = only_consumer(out)
+    if is_op(nxt, "Add") and (b := _channel_vector(other_input(nxt, out), channels)) is not None:
+        beta, out = b, nxt.outputs[0]
+        nodes.append(nxt)
+    if channels is None:
+        sizes = [v.size for v in (gamma, beta) if v is not None and v.size > 1]
+        if not sizes:
+            return "the normalized axis has no static size"
+        channels = sizes[0]
+    return nodes, x, eps, gamma, beta, out, channels
+
+
+@dataclasses.dataclass
+class FuseLayerNormPass(Pass):
+    name = "fuse-layernorm"
+    preserves_float = True
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = PassReport(model, False)
+        graph = model.graph
+        starts = [n for n in graph if is_op(n, "ReduceMean")]
+        if starts and opset_of(model) < 17:
+            report.skipped["opset < 17 (LayerNormalization needs 17)"] = len(starts) // 2 or 1
+            return report
+        for node in starts:
+            if node.graph is None:  # already replaced
+                continue
+            found = _match(node)
+            if isinstance(found, str):
+                if "ReduceMean" not in found:  # second ReduceMeans of other patterns are not worth counting
+                    report.skipped[found] += 1
+                continue
+            nodes, x, eps, gamma, beta, out, channels = found
+            dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+            scale = np.broadcast_to(gamma if gamma is not None else 1.0, (channels,)).astype(dtype)
+            bias = np.broadcast_to(beta if beta is not None else 0.0, (channels,)).astype(dtype)
+            base = nodes[0].name or out.name
+            s = ir.Value(name=unique_name(graph, f"{base}_scale"), const_value=ir.tensor(np.ascontiguousarray(scale)))
+            b = ir.Value(name=unique_name(graph, f"{base}_bias"), const_value=ir.tensor(np.ascontiguousarray(bias)))
+            graph.register_initializer(s)
+            graph.register_initializer(b)
+            ln = ir.node("LayerNormalization", [x, s, b], {"axis": -1, "epsilon": float(eps)}, name=f"{base}_layernorm")
+            ln.outputs[0].dtype, ln.outputs[0].shape = out.dtype or x.dtype, out.shape
+            replace_subgraph(graph, nodes, [ln], out, ln.outputs[0])
+            report.rewritten += 1
+        report.modified = report.rewritten > 0
+        return report

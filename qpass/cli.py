@@ -1,0 +1,202 @@
+"""The ``qpass`` command line: inspect models, list passes and recipes, run pipelines, demo.
+
+User mistakes print one line on stderr and exit with code 2 (``--debug`` shows the
+traceback). The input model is never modified; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qpass.errors import QpassError
+
+console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, highlight=False)
+
+
+class _Group(click.Group):
+    """Turns QpassError into one line + exit 2, and hides tracebacks without --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QpassError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"qpass: error: {e}", err=True)
+            ctx.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("qpass: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug, not a user error: say so in one line
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"qpass: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each pass does.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary line.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(package_name="qpass")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
+    """qpass: a compiler for post-training quantization.
+
+    Load an ONNX model, run a pipeline of verified passes on it, and write the result.
+    Try 'qpass demo' for a tour on built-in models.
+    """
+    ctx.obj = {"verbose": verbose, "quiet": quiet, "debug": debug}
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Summarize MODEL: opset, inputs/outputs, parameters, ops, quantizable nodes."""
+    from qpass.inspect_model import describe
+    from qpass.model_io import load_model
+
+    info = describe(load_model(model))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console.print(f"[bold]{model}[/]  opset {info['opset']}  ir {info['ir_version']}  producer {info['producer']}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            console.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    console.print(
+        f"  parameters {info['parameters']:,} ({_fmt_bytes(info['parameter_bytes'])}) in {info['initializers']} initializers"
+        f", external data: {info['external_data_tensors']} tensors, functions: {info['functions']}"
+    )
+    table = Table(title=f"{info['nodes']} nodes", show_edge=False)
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, count in info["op_histogram"].items():
+        table.add_row(op, str(count))
+    console.print(table)
+    q = info["quantizable"]
+    console.print(f"  quantizable: {q['weight']} nodes with constant weights, {q['activation']} activation x activation MatMuls")
+
+
+@main.command("passes")
+def list_passes() -> None:
+    """List the passes with the first line of their docstring."""
+    import inspect as pyinspect
+
+    from qpass.registry import available_passes
+
+    table = Table(show_edge=False)
+    table.add_column("pass")
+    table.add_column("kind")
+    table.add_column("what it does")
+    for name, cls in available_passes().items():
+        doc = (pyinspect.getmodule(cls).__doc__ or cls.__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, "equivalence" if cls.preserves_float else "quantizing", doc)
+    console.print(table)
+
+
+@main.command("recipes")
+def list_recipes() -> None:
+    """List the named recipes and their passes."""
+    from qpass.registry import available_recipes
+
+    table = Table(show_edge=False)
+    table.add_column("recipe")
+    table.add_column("what it does")
+    table.add_column("passes")
+    for name, recipe in available_recipes().items():
+        table.add_row(name, recipe.description, ", ".join(n for n, _ in recipe.passes))
+    console.print(table)
+
+
+def _stats_table(result, title: str) -> Table:
+    table = Table(title=title, show_edge=False)
+    for col, justify in (("pass", "left"), ("rewrites", "right"), ("nodes", "right"), ("+/-", "right"), ("time", "right"), ("verification", "left"), ("notes", "left")):
+        table.add_column(col, justify=justify)
+    for s in result.stats:
+        notes = "; ".join(f"{reason}: {n}" for reason, n in s.skipped.items())
+        check = s.verification + (f" ({s.max_error:.0e})" if s.max_error else "")
+        table.add_row(
+            s.name, str(s.rewritten), f"{s.nodes_before}->{s.nodes_after}", f"+{s.added}/-{s.removed}",
+            f"{s.seconds * 1000:.0f} ms", check, notes,
+        )
+    return table
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result (.onnx).")
+@click.option("-r", "--recipe", help="A named recipe (see 'qpass recipes') or a YAML recipe file. Default: fold.")
+@click.option("-p", "--passes", "pass_list", help="Comma-separated passes instead of a recipe, e.g. 'fold-constants,fuse-gelu'.")
+@click.option("--add-pass", multiple=True, help="Append a pass to the pipeline: name or name(option=value,...). Repeatable.")
+@click.option("--remove-pass", multiple=True, help="Remove a pass from the recipe by name. Repeatable.")
+@click.option("--no-verify", is_flag=True, help="Skip graph checks and numeric verification after each pass (faster).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the per-pass statistics as JSON.")
+@click.pass_context
+def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify, report_path) -> None:
+    """Run a pass pipeline on MODEL and write the result to OUTPUT."""
+    from qpass.api import build_passes
+    from qpass.model_io import load_model, save_model
+    from qpass.pipeline import Pipeline
+
+    if recipe and pass_list:
+        raise click.UsageError("give --recipe or --passes, not both")
+    if Path(output).resolve() == Path(model).resolve():
+        from qpass.errors import OutputError
+
+        raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
+    passes = build_passes(recipe, pass_list, add=add_pass, remove=remove_pass)
+    ir_model = load_model(model)
+    result = Pipeline(passes, verify=not no_verify).run(ir_model)
+    save_model(result.model, output, input_path=model)
+    if report_path:
+        Path(report_path).write_text(json.dumps(result.to_dict(), indent=2))
+    if not ctx.obj["quiet"]:
+        console.print(_stats_table(result, f"{model} -> {output}"))
+    verdict = "verified" if result.verified else "not verified"
+    console.print(f"wrote {output} ({result.model.graph.num_nodes()} nodes, {len(result.stats)} passes, {verdict}, {result.seconds:.2f} s)")
+
+
+@main.command()
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Also write the demo models and their results here.")
+@click.pass_context
+def demo(ctx, output_dir) -> None:
+    """Run the default pipeline on two built-in models (a small CNN and a transformer block)."""
+    import qpass
+    from qpass.demo import demo_models
+
+    for name, proto in demo_models().items():
+        result = qpass.run(proto, "fold")
+        console.print(_stats_table(result, f"{name}: recipe 'fold'"))
+        if output_dir:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            import onnx
+
+            onnx.save(proto, output_dir / f"{name}.onnx")
+            qpass.save_model(result.model, output_dir / f"{name}.fold.onnx")
+    console.print("next: 'qpass inspect MODEL', 'qpass run MODEL -o OUT --recipe fold', 'qpass passes', 'qpass recipes'")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

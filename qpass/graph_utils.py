@@ -1,0 +1,93 @@
+"""Small helpers for matching and rewriting ``onnx_ir`` graphs in passes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.convenience
+
+__all__ = [
+    "const_array",
+    "const_scalar",
+    "only_consumer",
+    "other_input",
+    "is_op",
+    "reduce_axes",
+    "replace_subgraph",
+    "unique_name",
+]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value as a numpy array when it is a constant (initializer or folded), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    """A constant with exactly one element, as a float."""
+    array = const_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def only_consumer(value: ir.Value) -> ir.Node | None:
+    """The single node consuming ``value`` (None if it has 0 or several uses or is a graph output)."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """For a binary node, the input that is not ``value``."""
+    a, b = node.inputs[0], node.inputs[1]
+    return b if a is value else a if b is value else None
+
+
+def is_op(node: ir.Node | None, *op_types: str) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in op_types
+
+
+def reduce_axes(node: ir.Node) -> tuple[int, ...] | None:
+    """Axes of a Reduce* node, from its attribute (opset < 18) or its constant input (>= 18)."""
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return tuple(attr.as_ints())
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = const_array(node.inputs[1])
+        return None if axes is None else tuple(int(a) for a in axes.reshape(-1))
+    return None
+
+
+def replace_subgraph(
+    graph: ir.Graph, old_nodes: Sequence[ir.Node], new_nodes: Sequence[ir.Node], old_output: ir.Value, new_output: ir.Value
+) -> None:
+    """Put ``new_nodes`` where the last of ``old_nodes`` was, reroute ``old_output``, drop ``old_nodes``."""
+    order = {id(n): i for i, n in enumerate(graph)}
+    last = max(old_nodes, key=lambda n: order[id(n)])
+    onnx_ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, [old_output], [new_output])
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base`` or ``base_1``, ``base_2``, ... not yet used by a value or initializer in ``graph``."""
+    used = set(graph.initializers)
+    used.update(v.name for v in graph.inputs)
+    for node in graph:
+        used.update(o.name for o in node.outputs)
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -1,0 +1,293 @@
+"""Front door and back door: every model becomes one ``onnx_ir.Model``; saving is atomic.
+
+``load_model`` accepts a path, an ``onnx.ModelProto``, an ``onnx_ir.Model`` (cloned, so the
+caller's object is never edited) or a ``torch.nn.Module`` (with ``example_inputs``). It
+validates what a user can get wrong and raises a one-line :class:`ModelError`:
+unreadable/corrupt files, external data that is missing, short or outside the model's
+folder, opset < 7, checker failures, unknown op domains, zero-size input dimensions,
+NaN/Inf weights. Models below opset 13 are upgraded with ``onnx.version_converter`` and
+checked numerically against the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qpass.errors import ModelError, OutputError
+
+__all__ = [
+    "MIN_INPUT_OPSET",
+    "WORK_OPSET",
+    "KNOWN_DOMAINS",
+    "load_model",
+    "save_model",
+    "model_nbytes",
+    "opset_of",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_INPUT_OPSET = 7
+WORK_OPSET = 13
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.qpass"})
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def opset_of(model: ir.Model) -> int:
+    """The default-domain opset of ``model``."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Total bytes of the model's initializers."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def load_model(source: Any, example_inputs: Any = None, *, check: bool = True, **export_options: Any) -> ir.Model:
+    """Return ``source`` as a validated ``onnx_ir.Model`` at opset >= 13."""
+    if isinstance(source, ir.Model):
+        model = source.clone()
+    elif isinstance(source, onnx.ModelProto):
+        _check_proto(source, None)
+        model = ir.from_proto(source)
+    elif isinstance(source, (str, os.PathLike)):
+        model = _load_path(Path(source))
+    elif _is_torch_module(source):
+        from qpass.frontends import torch_to_ir
+
+        model = torch_to_ir(source, example_inputs, **export_options)
+    else:
+        raise ModelError(
+            f"cannot load a model from {type(source).__name__}: pass an ONNX file path, "
+            "an onnx.ModelProto, an onnx_ir.Model or a torch.nn.Module"
+        )
+    if check:
+        validate_model(model)
+    if opset_of(model) < WORK_OPSET:
+        model = _upgrade_opset(model)
+    from qpass.pipeline import infer_shapes
+
+    infer_shapes(model)
+    return model
+
+
+def _is_torch_module(obj: Any) -> bool:
+    return any(c.__module__.startswith("torch.nn") and c.__name__ == "Module" for c in type(obj).__mro__)
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise ModelError(f"model file '{path}' does not exist: check the path")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a directory: pass the .onnx file inside it")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except PermissionError as e:
+        raise ModelError(f"cannot read model file '{path}': permission denied") from e
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelError(
+            f"'{path}' is not a valid ONNX model (corrupt, truncated or another format): "
+            "re-export it or check the file"
+        ) from e
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelError(f"'{path}' holds no ONNX graph (not an ONNX model or truncated): re-export it")
+    _check_proto(proto, path)
+    _check_external_data(proto, path)
+    try:
+        return ir.load(str(path))
+    except Exception as e:
+        raise ModelError(f"cannot read model '{path}': {_first_line(e)}") from e
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path | None) -> None:
+    where = f"'{path}'" if path else "the model"
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise ModelError(f"{where} imports no default ONNX opset: re-export it with opset >= {WORK_OPSET}")
+    if opset < MIN_INPUT_OPSET:
+        raise ModelError(
+            f"{where} uses opset {opset}; qpass needs opset >= {MIN_INPUT_OPSET} "
+            f"(>= {WORK_OPSET} preferred): re-export or convert it with onnx.version_converter"
+        )
+    local = {f.domain for f in proto.functions}
+    for node in proto.graph.node:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise ModelError(
+                f"node '{node.name or node.op_type}' uses op '{node.domain}::{node.op_type}' from an unknown "
+                "domain: qpass supports the standard ONNX ops, com.microsoft and ai.qpass"
+            )
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise ModelError(f"model input '{inp.name}' has a zero-size dimension: fix the export's input shape")
+    try:
+        if path is not None and proto.ByteSize() > _PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ModelError(f"{where} fails the ONNX checker: {_first_line(e)}") from e
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    base = path.parent.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ModelError(
+                f"initializer '{tensor.name}' points to external data '{location}' outside the model's folder: "
+                "refusing to read it; keep data files beside the model"
+            )
+        data_path = base / location
+        if not data_path.is_file():
+            raise ModelError(
+                f"external data file '{location}' of initializer '{tensor.name}' is missing: "
+                f"copy it next to '{path.name}'"
+            )
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", -1))
+        need = offset + (length if length >= 0 else _expected_nbytes(tensor))
+        if data_path.stat().st_size < need:
+            raise ModelError(
+                f"external data file '{location}' is truncated ({data_path.stat().st_size} bytes, "
+                f"initializer '{tensor.name}' needs {need}): copy the complete file"
+            )
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_tensors(g)
+
+
+def validate_model(model: ir.Model) -> None:
+    """Raise :class:`ModelError` for NaN/Inf weights (checked once at load)."""
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        try:
+            array = tensor.numpy()
+        except Exception:  # dtypes numpy cannot view (e.g. float8): nothing to check
+            continue
+        if not np.isfinite(array).all():
+            raise ModelError(f"initializer '{name}' contains NaN or Inf: fix the weights before quantizing")
+
+
+def _upgrade_opset(model: ir.Model) -> ir.Model:
+    """Convert to opset 13 with onnx.version_converter and check outputs did not move."""
+    from qpass.verify import compare_outputs, probe_feeds, run_model
+
+    old = opset_of(model)
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, WORK_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        op = _unconvertible_op(proto)
+        raise ModelError(
+            f"cannot upgrade the model from opset {old} to {WORK_OPSET}"
+            + (f" (op '{op}')" if op else "")
+            + f": {_first_line(e)}; re-export it at opset >= {WORK_OPSET}"
+        ) from e
+    new_model = ir.from_proto(converted)
+    feeds = probe_feeds(model)
+    problem = compare_outputs(run_model(model, feeds), run_model(new_model, feeds))
+    if problem:
+        raise ModelError(
+            f"upgrading the model from opset {old} to {WORK_OPSET} changed its outputs ({problem}): "
+            f"re-export it at opset >= {WORK_OPSET}"
+        )
+    logger.info("upgraded the model from opset %d to %d", old, WORK_OPSET)
+    return new_model
+
+
+def _unconvertible_op(proto: onnx.ModelProto) -> str | None:
+    for node in proto.graph.node:
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph([node], "g", [], []), opset_imports=proto.opset_import
+        )
+        try:
+            onnx.version_converter.convert_version(single, WORK_OPSET)
+        except Exception:
+            return node.op_type
+    return None
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically (temp file beside it, then rename).
+
+    External data (``<name>.data`` beside the file) is used when ``external_data`` is True,
+    or when None and the weights exceed what one protobuf can hold.
+    """
+    path = Path(path)
+    if input_path is not None and _same_file(path, Path(input_path)):
+        raise OutputError(f"output '{path}' is the input model: choose another output path (the input is never overwritten)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OutputError(f"output directory '{parent}' does not exist: create it first")
+    if not parent.is_dir():
+        raise OutputError(f"output directory '{parent}' is not a directory: choose another output path")
+    if path.is_dir():
+        raise OutputError(f"output '{path}' is a directory: give a file name ending in .onnx")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory '{parent}' is not writable: choose another output path")
+    if external_data is None:
+        external_data = model_nbytes(model) > 1_800_000_000
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot write to '{parent}': {e.strerror}") from e
+    try:
+        tmp = tmp_dir / path.name
+        data_name = f"{path.name}.data" if external_data else None
+        ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
+        if data_name:
+            os.replace(tmp_dir / data_name, parent / data_name)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
+    finally:
+        for leftover in tmp_dir.iterdir() if tmp_dir.exists() else []:
+            leftover.unlink()
+        if tmp_dir.exists():
+            tmp_dir.rmdir()
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,265 @@
+"""The pipeline runner: passes in order, each checked, timed and counted.
+
+After every pass that reports ``modified`` the runner
+1. validates the graph (``onnx.checker`` with strict shape inference; weights are not
+   copied: the checked graph holds placeholders for them),
+2. for an equivalence pass (``preserves_float``), runs the model on a fixed probe batch
+   and stops with :class:`VerificationError` naming the pass if any float output moved
+   beyond ``max|after - before| <= rtol * max|before| + atol`` (it reuses the previous
+   pass's outputs, so each verified pass costs one onnxruntime session),
+3. for a quantizing pass, reports the SQNR of each model output against the float model.
+Analyses are cached in an :class:`AnalysisManager` and dropped whenever a pass modifies
+the graph. ``verify=False`` skips 1-3 for speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from qpass import verify as qverify
+from qpass.errors import PipelineError, QpassError, VerificationError
+from qpass.pass_base import AnalysisManager, Pass, PassReport, release_manager, use_manager
+
+__all__ = ["Pipeline", "PipelineResult", "PassStats", "check_graph", "infer_shapes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassStats:
+    """What one pass did."""
+
+    name: str
+    spec: str
+    preserves_float: bool
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    added: int
+    removed: int
+    rewritten: int
+    skipped: dict[str, int]
+    seconds: float
+    verify_seconds: float
+    verification: str
+    max_error: float | None = None
+    sqnr_db: dict[str, float] | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The rewritten model and per-pass statistics."""
+
+    model: ir.Model
+    stats: list[PassStats]
+    seconds: float
+    verified: bool
+    reference_outputs: dict[str, np.ndarray] | None = None
+    final_outputs: dict[str, np.ndarray] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 4),
+            "verified": self.verified,
+            "passes": [_jsonable(dataclasses.asdict(s)) for s in self.stats],
+        }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else round(float(obj), 6)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def check_graph(model: ir.Model) -> None:
+    """Raise if the graph fails the ONNX checker or strict shape inference.
+
+    Weights are not copied: large initializers are declared as typed graph inputs instead.
+    """
+    from qpass.backends.onnxruntime import session_bytes
+
+    graph_bytes, names, _ = session_bytes(model)
+    proto = onnx.load_from_string(graph_bytes)
+    if names:
+        moved = set(names)
+        kept = [t for t in proto.graph.initializer if t.name not in moved]
+        for t in proto.graph.initializer:
+            if t.name in moved:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Fill in value shapes and dtypes (ONNX shape inference; weights are not copied)."""
+    onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
+
+def _node_ids(model: ir.Model) -> set[int]:
+    return {id(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+
+
+class Pipeline(ir.passes.InPlacePass):
+    """Run ``passes`` in order with verification and statistics.
+
+    passes: qpass :class:`Pass` instances or any in-place ``onnx_ir`` pass (those count as
+    equivalence passes unless they define ``preserves_float = False``).
+    verify: validate and numerically check after each modifying pass.
+    probe_feeds: the fixed batch for numeric checks (default: generated from input shapes).
+    context: data handed to analyses (e.g. calibration data).
+    on_pass: callback(stats) after each pass (the CLI prints progress with it).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[ir.passes.PassBase],
+        *,
+        verify: bool = True,
+        probe_feeds: Mapping[str, np.ndarray] | None = None,
+        rtol: float = qverify.RTOL,
+        atol: float = qverify.ATOL,
+        context: Mapping[str, Any] | None = None,
+        on_pass: Callable[[PassStats], None] | None = None,
+    ):
+        self.passes = list(passes)
+        for p in self.passes:
+            if not isinstance(p, ir.passes.PassBase):
+                raise PipelineError(f"{p!r} is not a pass: subclass qpass.Pass and pass an instance")
+            if not p.in_place:
+                raise PipelineError(f"pass {_name(p)} is not in place: qpass pipelines run in-place passes")
+        self.verify = verify
+        self.probe_feeds = dict(probe_feeds) if probe_feeds is not None else None
+        self.rtol, self.atol = rtol, atol
+        self.analyses = AnalysisManager(context)
+        self.on_pass = on_pass
+        self.last_result: PipelineResult | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.run(model)
+        return ir.passes.PassResult(result.model, any(s.modified for s in result.stats))
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        """Run every pass on ``model`` (edited in place) and return the statistics."""
+        start = time.perf_counter()
+        feeds = reference = current = None
+        if self.verify:
+            feeds = self.probe_feeds if self.probe_feeds is not None else qverify.probe_feeds(model)
+            self.analyses.context.setdefault("probe_feeds", feeds)
+            reference = current = qverify.run_model(model, feeds)
+        stats = []
+        token = use_manager(self.analyses)
+        try:
+            for p in self.passes:
+                s, current = self._run_one(p, model, feeds, reference, current)
+                stats.append(s)
+                if self.on_pass:
+                    self.on_pass(s)
+        finally:
+            release_manager(token)
+        self.last_result = PipelineResult(model, stats, time.perf_counter() - start, self.verify, reference, current)
+        return self.last_result
+
+    def _run_one(self, p, model, feeds, reference, current):
+        name = _name(p)
+        before_ids = _node_ids(model)
+        t0 = time.perf_counter()
+        try:
+            result = p(model)
+        except QpassError:
+            raise
+        except Exception as e:
+            raise PipelineError(f"pass '{name}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from e
+        seconds = time.perf_counter() - t0
+        if result.model is not model:
+            raise PipelineError(f"pass '{name}' returned a different model object; qpass passes edit in place")
+        after_ids = _node_ids(model)
+        preserves = bool(getattr(p, "preserves_float", True))
+        if result.modified:
+            self.analyses.invalidate()
+            infer_shapes(model)
+        t1 = time.perf_counter()
+        verification, max_error, sqnr = "not modified", None, None
+        if not self.verify:
+            verification = "off"
+        elif result.modified:
+            try:
+                check_graph(model)
+            except Exception as e:
+                raise VerificationError(
+                    f"pass '{name}' produced an invalid graph: {str(e).strip().splitlines()[0][:300]}"
+                ) from e
+            try:
+                outputs = qverify.run_model(model, feeds)
+            except Exception as e:
+                raise VerificationError(
+                    f"pass '{name}' produced a model onnxruntime cannot run: {str(e).strip().splitlines()[0][:300]}"
+                ) from e
+            if preserves:
+                problem = qverify.compare_outputs(current, outputs, self.rtol, self.atol)
+                if problem:
+                    raise VerificationError(
+                        f"pass '{name}' changed the float function ({problem}): "
+                        f"remove it from the pipeline and report the model that triggers it"
+                    )
+                max_error = _max_rel_error(current, outputs)
+                verification = "ok"
+            else:
+                sqnr = {k: qverify.sqnr_db(reference[k], outputs[k]) for k in reference if reference[k].dtype.kind == "f"}
+                verification = "sqnr " + ", ".join(f"{v:.1f} dB" for v in sqnr.values())
+            current = outputs
+        report = result if isinstance(result, PassReport) else None
+        stats = PassStats(
+            name=name,
+            spec=str(p) if isinstance(p, Pass) else name,
+            preserves_float=preserves,
+            modified=result.modified,
+            nodes_before=len(before_ids),
+            nodes_after=len(after_ids),
+            added=len(after_ids - before_ids),
+            removed=len(before_ids - after_ids),
+            rewritten=report.rewritten if report else 0,
+            skipped=dict(report.skipped) if report else {},
+            seconds=seconds,
+            verify_seconds=time.perf_counter() - t1,
+            verification=verification,
+            max_error=max_error,
+            sqnr_db=sqnr,
+            details=dict(report.details) if report else {},
+        )
+        logger.info("%s: %s in %.3fs (%s)", name, "modified" if result.modified else "unchanged", seconds, verification)
+        return stats, current
+
+
+def _max_rel_error(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> float:
+    worst = 0.0
+    for k, ref in before.items():
+        if ref.dtype.kind != "f" or ref.size == 0:
+            continue
+        finite = np.isfinite(ref)
+        if not finite.any():
+            continue
+        scale = float(np.max(np.abs(ref[finite]))) or 1.0
+        worst = max(worst, float(np.max(np.abs(after[k][finite].astype(np.float64) - ref[finite]))) / scale)
+    return worst
+
+
+def _name(p: Any) -> str:
+    return getattr(p, "name", "") or type(p).__name__

@@ -1,0 +1,1 @@
+"""Built-in recipes: named pipelines as YAML data."""
