@@ -72,14 +72,24 @@ def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray]) -
     try:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
-            if tensor is None or tensor.nbytes <= _INLINE_LIMIT or tensor.dtype in _PACKED or not _used(value):
+            if tensor is None or tensor.dtype in _PACKED:
+                continue
+            external = isinstance(tensor, ir.ExternalTensor)
+            if not external and tensor.nbytes <= _INLINE_LIMIT:
+                continue
+            swapped.append((value, tensor))
+            if not _used(value):
+                # onnxruntime drops unused initializers before it looks for external ones: inline them.
+                if external:
+                    value.const_value = ir.tensor(tensor.numpy(), name=name)
+                else:
+                    swapped.pop()
                 continue
             array = np.ascontiguousarray(tensor.numpy())
             if not array.flags.writeable:
                 array = array.copy()
             names.append(name)
             arrays.append(array)
-            swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
                 _PLACEHOLDER, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=name
             )
@@ -90,7 +100,6 @@ def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray]) -
 
 
 def _used(value: ir.Value) -> bool:
-    # onnxruntime drops unused initializers before it looks for external ones: keep those inline.
     return bool(value.uses()) or value.is_graph_output()
 
 

@@ -99,15 +99,15 @@ def _load_path(path: Path) -> ir.Model:
         ) from e
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelError(f"'{path}' holds no ONNX graph (not an ONNX model or truncated): re-export it")
-    _check_proto(proto, path)
-    _check_external_data(proto, path)
+    has_external = _check_external_data(proto, path)
+    _check_proto(proto, path, check_by_path=has_external)
     try:
         return ir.load(str(path))
     except Exception as e:
         raise ModelError(f"cannot read model '{path}': {_first_line(e)}") from e
 
 
-def _check_proto(proto: onnx.ModelProto, path: Path | None) -> None:
+def _check_proto(proto: onnx.ModelProto, path: Path | None, check_by_path: bool = False) -> None:
     where = f"'{path}'" if path else "the model"
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
@@ -129,7 +129,7 @@ def _check_proto(proto: onnx.ModelProto, path: Path | None) -> None:
         if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
             raise ModelError(f"model input '{inp.name}' has a zero-size dimension: fix the export's input shape")
     try:
-        if path is not None and proto.ByteSize() > _PROTOBUF_LIMIT:
+        if path is not None and (check_by_path or proto.ByteSize() > _PROTOBUF_LIMIT):
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)
@@ -137,11 +137,14 @@ def _check_proto(proto: onnx.ModelProto, path: Path | None) -> None:
         raise ModelError(f"{where} fails the ONNX checker: {_first_line(e)}") from e
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> bool:
+    """Validate every external-data reference; True when the model has any."""
     base = path.parent.resolve()
+    found = False
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        found = True
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
@@ -163,6 +166,7 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 f"external data file '{location}' is truncated ({data_path.stat().st_size} bytes, "
                 f"initializer '{tensor.name}' needs {need}): copy the complete file"
             )
+    return found
 
 
 def _expected_nbytes(tensor: onnx.TensorProto) -> int:
