@@ -43,6 +43,8 @@ def make_session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 3
+    if not optimize:  # verification/calibration: no pre-packed weight copies
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -85,9 +87,7 @@ def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray]) -
                 else:
                     swapped.pop()
                 continue
-            array = np.ascontiguousarray(tensor.numpy())
-            if not array.flags.writeable:
-                array = array.copy()
+            array = np.ascontiguousarray(tensor.numpy())  # read-only views are fine: never copied
             names.append(name)
             arrays.append(array)
             value.const_value = ir.ExternalTensor(

@@ -28,8 +28,12 @@ def torch_to_ir(
     opset: int = 18,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    dynamic_shapes: Any = None,
 ) -> ir.Model:
-    """Export ``module`` called on ``example_inputs`` (a tensor, tuple of tensors or dict of kwargs)."""
+    """Export ``module`` called on ``example_inputs`` (a tensor, tuple of tensors or dict of kwargs).
+
+    ``dynamic_shapes`` (torch.export's format) overrides the default dynamic batch axis.
+    """
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is installed with the extra
@@ -42,8 +46,7 @@ def torch_to_ir(
         args, kwargs = (example_inputs,), {}
     else:
         args, kwargs = tuple(example_inputs), {}
-    dynamic_shapes = None
-    if dynamic_batch:
+    if dynamic_shapes is None and dynamic_batch:
         batch = torch.export.Dim("batch")
         spec = lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
         dynamic_shapes = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)

@@ -39,6 +39,7 @@ MIN_INPUT_OPSET = 7
 WORK_OPSET = 13
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.qpass"})
 _PROTOBUF_LIMIT = 2**31 - 1
+_PACKED_TYPES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1, ir.DataType.STRING})
 
 
 def opset_of(model: ir.Model) -> int:
@@ -58,6 +59,7 @@ def load_model(source: Any, example_inputs: Any = None, *, check: bool = True, *
     elif isinstance(source, onnx.ModelProto):
         _check_proto(source, None)
         model = ir.from_proto(source)
+        _run_checker(model, "the model")
     elif isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
     elif _is_torch_module(source):
@@ -100,14 +102,40 @@ def _load_path(path: Path) -> ir.Model:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelError(f"'{path}' holds no ONNX graph (not an ONNX model or truncated): re-export it")
     has_external = _check_external_data(proto, path)
-    _check_proto(proto, path, check_by_path=has_external)
+    _check_proto(proto, path)
     try:
-        return ir.load(str(path))
+        model = ir.serde.deserialize_model(proto)
+        if has_external:
+            ir.external_data.set_base_dir(model.graph, path.parent)
     except Exception as e:
         raise ModelError(f"cannot read model '{path}': {_first_line(e)}") from e
+    del proto
+    _own_weights(model)
+    _run_checker(model, f"'{path}'")
+    return model
 
 
-def _check_proto(proto: onnx.ModelProto, path: Path | None, check_by_path: bool = False) -> None:
+def _run_checker(model: ir.Model, where: str) -> None:
+    """The ONNX checker on the graph (weights are not copied for it)."""
+    from qpass.pipeline import check_graph
+
+    try:
+        check_graph(model, infer=False)
+    except Exception as e:
+        raise ModelError(f"{where} fails the ONNX checker: {_first_line(e)}") from e
+
+
+def _own_weights(model: ir.Model) -> None:
+    """Give each in-file initializer its own numpy array, so the protobuf is freed and later
+    sessions view the arrays without copying. External-data tensors stay memory-mapped."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype not in _PACKED_TYPES:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path | None) -> None:
+    """Cheap checks on the protobuf: opset, op domains, zero-size inputs."""
     where = f"'{path}'" if path else "the model"
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
@@ -128,13 +156,6 @@ def _check_proto(proto: onnx.ModelProto, path: Path | None, check_by_path: bool 
         dims = inp.type.tensor_type.shape.dim
         if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
             raise ModelError(f"model input '{inp.name}' has a zero-size dimension: fix the export's input shape")
-    try:
-        if path is not None and (check_by_path or proto.ByteSize() > _PROTOBUF_LIMIT):
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(proto)
-    except Exception as e:
-        raise ModelError(f"{where} fails the ONNX checker: {_first_line(e)}") from e
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> bool:
@@ -199,11 +220,26 @@ def validate_model(model: ir.Model) -> None:
 
 
 def _upgrade_opset(model: ir.Model) -> ir.Model:
-    """Convert to opset 13 with onnx.version_converter and check outputs did not move."""
+    """Convert to opset 13 with onnx.version_converter and check outputs did not move.
+
+    Only the graph skeleton goes through the converter: large weights are declared as graph
+    inputs for the conversion and re-attached afterwards, so they are never copied.
+    """
     from qpass.verify import compare_outputs, probe_feeds, run_model
 
     old = opset_of(model)
-    proto = ir.to_proto(model)
+    graph = model.graph
+    weights = {n: v for n, v in graph.initializers.items() if v.const_value is not None and v.const_value.nbytes > 1024}
+    for name, value in weights.items():
+        value.shape, value.dtype = value.const_value.shape, value.const_value.dtype
+        graph.initializers.pop(name)
+        graph.inputs.append(value)
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for name, value in weights.items():
+            graph.inputs.remove(value)
+            graph.register_initializer(value)
     try:
         converted = onnx.version_converter.convert_version(proto, WORK_OPSET)
         onnx.checker.check_model(converted)
@@ -215,6 +251,13 @@ def _upgrade_opset(model: ir.Model) -> ir.Model:
             + f": {_first_line(e)}; re-export it at opset >= {WORK_OPSET}"
         ) from e
     new_model = ir.from_proto(converted)
+    new_graph = new_model.graph
+    by_name = {v.name: v for v in new_graph.inputs}
+    for name, old_value in weights.items():
+        value = by_name[name]
+        new_graph.inputs.remove(value)
+        value.const_value = old_value.const_value
+        new_graph.register_initializer(value)
     feeds = probe_feeds(model)
     problem = compare_outputs(run_model(model, feeds), run_model(new_model, feeds))
     if problem:
@@ -270,10 +313,12 @@ def save_model(
         raise OutputError(f"cannot write to '{parent}': {e.strerror}") from e
     try:
         tmp = tmp_dir / path.name
-        data_name = f"{path.name}.data" if external_data else None
-        ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
-        if data_name:
+        if external_data:
+            data_name = f"{path.name}.data"
+            ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
             os.replace(tmp_dir / data_name, parent / data_name)
+        else:
+            _write_streaming(model, tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
@@ -283,6 +328,68 @@ def save_model(
         if tmp_dir.exists():
             tmp_dir.rmdir()
     return path
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+_GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _write_streaming(model: ir.Model, path: Path) -> None:
+    """Write one self-contained ONNX file, one large initializer at a time.
+
+    The skeleton (everything but the large weights) is written first, then each weight as a
+    further ``graph { initializer { ... } }`` record; protobuf merges repeated messages, so
+    readers see one graph. Peak memory stays at one tensor instead of a whole model copy.
+    """
+    from qpass.backends.onnxruntime import session_bytes
+
+    skeleton_bytes, names, _ = session_bytes(model)
+    skeleton = onnx.load_from_string(skeleton_bytes)
+    big = set(names)
+    kept = [t for t in skeleton.graph.initializer if t.name not in big]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    with open(path, "wb") as f:
+        f.write(skeleton.SerializeToString())
+        for name in names:
+            tensor = model.graph.initializers[name].const_value
+            header, payload = _tensor_record(name, tensor)
+            body = len(header) + len(payload)
+            inner = _varint(_GRAPH_INITIALIZER_FIELD << 3 | 2) + _varint(body)
+            f.write(_varint(_MODEL_GRAPH_FIELD << 3 | 2) + _varint(len(inner) + body) + inner + header)
+            f.write(payload)
+
+
+def _tensor_record(name: str, tensor: ir.TensorProtocol) -> tuple[bytes, memoryview | bytes]:
+    """A TensorProto as (fields before raw_data, raw bytes); the bytes view the array, uncopied."""
+    header = bytearray()
+    for d in tensor.shape.numpy():
+        header += _varint(1 << 3) + _varint(int(d))  # dims
+    header += _varint(2 << 3) + _varint(int(tensor.dtype))  # data_type
+    header += _field(8, name.encode())  # name
+    if tensor.dtype in _PACKED_TYPES:
+        payload: memoryview | bytes = tensor.tobytes()
+    else:
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        payload = memoryview(array.reshape(-1).view(np.uint8))
+    header += _varint(9 << 3 | 2) + _varint(len(payload))  # raw_data tag and length
+    return bytes(header), payload
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -15,6 +15,7 @@ ALGORITHMS.md §12.
   centres, weighted by the counts, has the least squared error (clipping included).
 - :class:`EntropyObserver`: TensorRT-style KL calibration on the |x| histogram (§12.2) with
   ``2^(bits-1)`` levels (``2^bits`` for unsigned symmetric); affine specs clip both sides at t.
+  Its histogram defaults to 4096 signed bins (about 2048 for |x|), the others to 2048.
 
 Histograms merge exactly. Bin ``k`` of a channel is ``[k*w, (k+1)*w)`` with ``w = 2^e``;
 ``e`` is the smallest exponent (at least -160) for which ``[min(x_min, 0), max(x_max, 0)]``
@@ -61,6 +62,8 @@ class Observer:
 
     def update(self, array: np.ndarray) -> None:
         x = np.asarray(array, dtype=np.float64)
+        if x.size == 0:
+            return
         if self.channel_axis is None:
             x = x.reshape(1, -1)
         else:
@@ -72,8 +75,6 @@ class Observer:
                     f"channel axis {self.channel_axis} has {len(x)} channels, but this observer has seen "
                     f"{len(self._min)}: feed tensors with the same channel count"
                 )
-        if x.size == 0:
-            return
         finite = np.isfinite(x)
         if not finite.all():
             raise ValueError(
@@ -123,7 +124,7 @@ class Observer:
 
     def _clip_symmetric(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The data range clipped to [-t, t]."""
-        return np.maximum(self._min, -t), np.minimum(self._max, t)
+        return np.clip(self._min, -t, t), np.clip(self._max, -t, t)
 
 
 class MinMaxObserver(Observer):
@@ -161,7 +162,7 @@ class MovingAverageMinMaxObserver(Observer):
 def _fit_exponent(lo: np.ndarray, hi: np.ndarray, max_bins: int) -> np.ndarray:
     """Per row, the smallest e >= _MIN_EXP with [lo, hi] (lo <= 0 <= hi) in max_bins bins of 2^e."""
     with np.errstate(divide="ignore"):
-        guess = np.floor(np.log2((hi - lo) / max_bins)) - 1  # a lower bound; -inf for lo == hi
+        guess = np.floor(np.log2(hi / max_bins - lo / max_bins)) - 1  # a lower bound; -inf if lo == hi
     exp = np.maximum(np.nan_to_num(guess, neginf=_MIN_EXP), _MIN_EXP).astype(np.int64)
     while True:
         bins = np.floor(np.ldexp(hi, -exp)) - np.floor(np.ldexp(lo, -exp)) + 1
@@ -292,31 +293,49 @@ class MSEObserver(HistogramObserver):
 
 
 def _kl_bins(hist: np.ndarray, levels: int) -> int:
-    """TensorRT's choice: the number i of |x| bins to keep, minimising KL(P_i || Q_i) (§12.2)."""
+    """TensorRT's choice (§12.2): the number i of |x| bins to keep, minimising KL(P_i || Q_i).
+
+    P_i is ``hist[:i]`` with the mass beyond added to its last bin; Q_i merges ``hist[:i]`` into
+    ``levels`` groups (the last takes the remainder) and spreads each group's count evenly over
+    the bins where P_i is non-zero; empty bins become eps; both are normalised. All i at once
+    from prefix sums: Q is constant on a group's non-zero bins, so with P_g the mass of P in
+    group g, ``KL = (sum p log p - sum_g P_g log Q_g) / Zp - log Zp + log Zq`` (the
+    ``eps log eps`` terms of the empty bins cancel).
+    """
     n = len(hist)
     if n <= levels:
         return n
-    total = hist.sum()
-    best, best_i = np.inf, n
-    for i in range(levels, n + 1):
-        p = hist[:i].astype(np.float64)
-        p[-1] += total - p.sum()  # outliers go to the last kept bin
-        starts = np.arange(levels) * (i // levels)  # the last group also takes the remainder
-        merged = np.add.reduceat(hist[:i], starts)
-        nonzero = p != 0
-        per_bin = merged / np.maximum(np.add.reduceat(nonzero, starts), 1)
-        q = np.where(nonzero, np.repeat(per_bin, np.diff(starts, append=i)), 0.0)
-        p = np.where(p == 0, _KL_EPS, p)
-        q = np.where(q == 0, _KL_EPS, q)
-        p, q = p / p.sum(), q / q.sum()
-        kl = float(np.sum(p * np.log(p / q)))
-        if kl < best:
-            best, best_i = kl, i
-    return best_i
+    h = hist.astype(np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(h)])
+    nzsum = np.concatenate([[0], np.cumsum(h != 0)])
+    hlogh = np.concatenate([[0.0], np.cumsum(h * np.log(np.maximum(h, 1.0)))])
+    total = csum[-1]
+    i = np.arange(levels, n + 1)
+    last = h[i - 1] + total - csum[i]  # P's last bin, outliers included
+    zeros = i - 1 - nzsum[i - 1] + (last == 0)  # empty bins of P
+    start = (i // levels)[:, None] * np.arange(levels)
+    end = np.concatenate([start[:, 1:], i[:, None]], axis=1)
+    merged = csum[end] - csum[start]
+    nonzero = nzsum[end] - nzsum[start]
+    nonzero[:, -1] += (last != 0).astype(np.int64) - (h[i - 1] != 0)
+    mass = merged.copy()
+    mass[:, -1] += total - csum[i]
+    q = np.where(merged > 0, merged / np.maximum(nonzero, 1), _KL_EPS)
+    zp = total + _KL_EPS * zeros
+    zq = np.sum(np.where(merged > 0, merged, _KL_EPS * nonzero), axis=1) + _KL_EPS * zeros
+    plogp = hlogh[i - 1] + last * np.log(np.maximum(last, 1.0))
+    kl = (plogp - np.sum(mass * np.log(q), axis=1)) / zp - np.log(zp) + np.log(zq)
+    return int(i[np.argmin(kl)])
 
 
 class EntropyObserver(HistogramObserver):
-    """TensorRT-style KL-divergence threshold t on the |x| histogram; range clipped to [-t, t]."""
+    """TensorRT-style KL-divergence threshold t on the |x| histogram; range clipped to [-t, t].
+
+    ``max_bins`` defaults to 4096 so that symmetric data gets about 2048 |x| bins, as in §12.2.
+    """
+
+    def __init__(self, spec: QuantSpec, channel_axis: int | None = None, max_bins: int = 4096):
+        super().__init__(spec, channel_axis, max_bins)
 
     def _range(self):
         unsigned = self.spec.symmetric and not self.spec.signed
@@ -324,8 +343,7 @@ class EntropyObserver(HistogramObserver):
         hists = self._abs_counts()
         t = np.empty(len(hists))
         for c, hist in enumerate(hists):
-            used = np.flatnonzero(hist)
-            hist = hist[: used[-1] + 1] if len(used) else hist[:1]
+            hist = hist[: np.flatnonzero(hist)[-1] + 1]
             t[c] = (_kl_bins(hist, levels) + 0.5) * self._width()[c]
         return self._clip_symmetric(np.minimum(t, self._amax()))
 

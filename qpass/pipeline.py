@@ -87,7 +87,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def check_graph(model: ir.Model) -> None:
+def check_graph(model: ir.Model, infer: bool = True) -> None:
     """Raise if the graph fails the ONNX checker or strict shape inference.
 
     Weights are not copied: large initializers are declared as typed graph inputs instead.
@@ -105,7 +105,8 @@ def check_graph(model: ir.Model) -> None:
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
     onnx.checker.check_model(proto)
-    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    if infer:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
 
 
 def infer_shapes(model: ir.Model) -> None:
