@@ -38,5 +38,6 @@ class FoldConstantsPass(Pass):
         )(model)
         # Nodes turned into constants are orphaned; drop them so the count is what was folded.
         ir.passes.common.RemoveUnusedNodesPass()(model)
+        lifted = ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         folded = len(before - {id(n) for n in model.graph})
-        return PassReport(model, result.modified or folded > 0, rewritten=folded)
+        return PassReport(model, result.modified or lifted.modified or folded > 0, rewritten=folded)

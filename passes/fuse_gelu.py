@@ -90,7 +90,7 @@ def _tail(core: ir.Node, x: ir.Value):
         elif need_half and _close(const_scalar(other), 0.5):
             need_half = False
         elif need_x and need_half and is_op(half_x, "Mul") and x in half_x.inputs and _close(const_scalar(other_input(half_x, x)), 0.5):
-            if len(other.uses()) != 1:
+            if len(other.uses()) != 1 or other.is_graph_output():
                 return None
             nodes.append(half_x)
             need_x = need_half = False
@@ -114,7 +114,7 @@ class FuseGeluPass(Pass):
             if core.graph is None:
                 continue
             x, front = _erf_input(core) if core.op_type == "Erf" else _tanh_input(core)
-            if x is None or any(len(n.outputs[0].uses()) != 1 for n in front):
+            if x is None or any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in front):
                 continue
             matched = _tail(core, x)
             if matched is None:

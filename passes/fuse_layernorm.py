@@ -57,11 +57,13 @@ def _match(mean1: ir.Node):
     if not _is_last_axis(mean1, x):
         return "ReduceMean is not over the last axis"
     subs = [u.node for u in mean1.outputs[0].uses() if is_op(u.node, "Sub") and u.node.inputs[0] is x and u.idx == 1]
-    if len(subs) != 1 or len(mean1.outputs[0].uses()) != 1:
+    if not subs:
+        return "ReduceMean is not a LayerNorm mean"
+    if len(subs) != 1 or len(mean1.outputs[0].uses()) != 1 or mean1.outputs[0].is_graph_output():
         return "mean is used elsewhere"
     sub = subs[0]
     d = sub.outputs[0]
-    users = [u.node for u in d.uses()]
+    users = list({id(u.node): u.node for u in d.uses()}.values())
     square = next((n for n in users if (is_op(n, "Pow") and const_scalar(n.inputs[1]) == 2.0) or (is_op(n, "Mul") and n.inputs[0] is d and n.inputs[1] is d)), None)
     divide = next((n for n in users if n is not square and is_op(n, "Div", "Mul") and n.inputs[0] is d), None)
     if square is None or divide is None or len(users) != 2 or d.is_graph_output():
@@ -76,11 +78,11 @@ def _match(mean1: ir.Node):
         return "variance + eps is not followed by Sqrt"
     nodes = [mean1, sub, square, mean2, add_eps, sqrt]
     if divide.op_type == "Div":
-        if divide.inputs[1] is not sqrt.outputs[0]:
+        if divide.inputs[1] is not sqrt.outputs[0] or only_consumer(sqrt.outputs[0]) is not divide:
             return "deviation is not divided by the standard deviation"
     else:
         recip = only_consumer(sqrt.outputs[0])
-        if not is_op(recip, "Reciprocal") or divide.inputs[1] is not recip.outputs[0]:
+        if not is_op(recip, "Reciprocal") or only_consumer(recip.outputs[0]) is not divide:
             return "deviation is not multiplied by 1/std"
         nodes.append(recip)
     nodes.append(divide)

@@ -49,6 +49,27 @@ class _NoOpReshape(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
+class _InferenceDropout(pattern.RewriteRuleClassBase):
+    """Dropout(x[, ratio, training_mode]) at opset >= 12 with training_mode absent or false."""
+
+    def pattern(self, op, x):
+        return op.Dropout(x, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        fail = pattern.MatchResult().fail
+        node = y.producer()
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            training = const_array(node.inputs[2])
+            if training is None or bool(training.reshape(())):
+                return fail("training_mode is not a constant false", node.inputs[2])
+        if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            return fail("the dropout mask is used", node)
+        return pattern.MatchResult()
+
+    def rewrite(self, op, x, y, **_):
+        return op.Identity(x)
+
+
 _rules = pattern.RewriteRuleSet(
     [
         _no_op.dropout_inference_rule,
@@ -59,6 +80,7 @@ _rules = pattern.RewriteRuleSet(
         _basic_rules.no_op_cast_rule,
         _basic_rules.no_op_expand_rule,
         _NoOpReshape.rule(),
+        _InferenceDropout.rule(),
     ]
 )
 

@@ -1,0 +1,83 @@
+"""Calibration statistics: an observer per annotated activation, fed by running the graph.
+
+The current graph runs in onnxruntime with every value that carries a
+:class:`~qpass.schemes.QuantSpec` (and no constant) exposed as an output, one calibration
+batch at a time; each value's observer sees every batch. Memory stays bounded: nothing
+but the observers' statistics is kept. The analysis is cached by the pipeline and
+recomputed only after a pass changes the graph.
+
+Context keys read from the analysis manager: ``calibration`` (an iterable of feed dicts,
+e.g. :class:`qpass.calib_data.CalibrationSet`), ``progress`` (optional: wraps the
+iterable, e.g. with a progress bar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import onnx_ir as ir
+
+from qpass.backends import onnxruntime as ort_backend
+from qpass.errors import CalibrationError
+from qpass.observers import Observer, make_observer
+from qpass.pass_base import Analysis, AnalysisManager
+from qpass.schemes import SPEC_KEY, QuantSpec
+
+__all__ = ["Calibration", "CalibrationResult", "annotated_activations"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+    """``observers[value_name]`` for each annotated activation; ``samples`` batches seen."""
+
+    observers: Mapping[str, Observer]
+    samples: int
+
+
+def annotated_activations(model: ir.Model) -> dict[str, QuantSpec]:
+    """Names and specs of non-constant values annotated for quantization, in graph order."""
+    found: dict[str, QuantSpec] = {}
+    values = list(model.graph.inputs) + [o for node in model.graph for o in node.outputs]
+    for value in values:
+        spec = value.meta.get(SPEC_KEY)
+        if spec is not None and value.const_value is None and spec.granularity != "token":
+            found[value.name] = spec
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration(Analysis):
+    """Observers for every annotated activation, after one pass over the calibration data."""
+
+    def compute(self, model: ir.Model, manager: AnalysisManager) -> CalibrationResult:
+        data = manager.context.get("calibration")
+        if data is None:
+            raise CalibrationError(
+                "this pipeline quantizes activations and needs calibration data: pass --calib DATA "
+                "(or --random-calib to try it on random inputs)"
+            )
+        targets = annotated_activations(model)
+        observers = {
+            name: make_observer(spec, spec.axis if spec.granularity == "channel" else None)
+            for name, spec in targets.items()
+        }
+        graph_inputs = {v.name for v in model.graph.inputs}
+        outputs = [n for n in targets if n not in graph_inputs]
+        session = ort_backend.make_session(model, extra_outputs=outputs)
+        input_names = {i.name for i in session.get_inputs()}
+        wrap = manager.context.get("progress") or (lambda it, **_: it)
+        samples = 0
+        for feeds in wrap(data, desc="calibrating", unit="batch"):
+            results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in input_names}, outputs)
+            for name in targets:
+                array = feeds[name] if name in graph_inputs else results[name]
+                try:
+                    observers[name].update(array)
+                except ValueError as e:
+                    raise CalibrationError(f"calibration batch {samples}: value '{name}': {e}") from e
+            samples += 1
+        if samples == 0:
+            raise CalibrationError("the calibration set is empty: pass at least one sample")
+        return CalibrationResult(MappingProxyType(observers), samples)
