@@ -134,3 +134,42 @@ def run(
     """Run ``session`` and return outputs by name."""
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds))))
+
+
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearConvTranspose", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
+    "MatMulNBits", "QAttention", "DynamicQuantizeLSTM",
+})
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"})
+
+
+def fused_op_census(model: ir.Model, threads: int | None = None) -> dict:
+    """What onnxruntime's optimizer makes of a QDQ model: integer kernels vs float compute ops.
+
+    Returns ``{"integer": {op: n}, "float_behind_dq": {op: n}, "float_other": {op: n},
+    "onnxruntime": version}``; ``float_behind_dq`` counts float Conv/MatMul/Gemm still fed by a
+    DequantizeLinear, i.e. quantized layers that did not get an integer kernel.
+    """
+    import os
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(model, optimize=True, threads=threads, optimized_model_path=path)
+        optimized = onnx.load(path, load_external_data=False)
+    producers = {o: n for n in optimized.graph.node for o in n.output}
+    integer: dict[str, int] = {}
+    behind: dict[str, int] = {}
+    other: dict[str, int] = {}
+    for node in optimized.graph.node:
+        if node.op_type in INTEGER_OPS:
+            integer[node.op_type] = integer.get(node.op_type, 0) + 1
+        elif node.op_type in FLOAT_COMPUTE_OPS:
+            fed_by_dq = any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)
+            bucket = behind if fed_by_dq else other
+            bucket[node.op_type] = bucket.get(node.op_type, 0) + 1
+    return {"integer": integer, "float_behind_dq": behind, "float_other": other, "onnxruntime": ort.__version__}

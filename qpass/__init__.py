@@ -17,6 +17,7 @@ from qpass.model_io import load_model, save_model
 from qpass.pass_base import Analysis, AnalysisManager, Pass, PassReport
 from qpass.pipeline import Pipeline, PipelineResult, PassStats
 from qpass.api import run
+from qpass.quantize import QuantizeResult, quantize
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "UnknownNameError",
     "VerificationError",
     "load_model",
+    "quantize",
+    "QuantizeResult",
     "run",
     "save_model",
 ]

@@ -6,6 +6,7 @@ traceback). The input model is never modified; outputs are written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -153,8 +154,10 @@ def _stats_table(result, title: str) -> Table:
 @click.option("--remove-pass", multiple=True, help="Remove a pass from the recipe by name. Repeatable.")
 @click.option("--no-verify", is_flag=True, help="Skip graph checks and numeric verification after each pass (faster).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the per-pass statistics as JSON.")
+@click.option("-c", "--calib", type=click.Path(path_type=Path), help="Calibration data, for pipelines that quantize.")
+@click.option("--random-calib", type=int, default=0, metavar="N", help="Calibrate on N random samples instead (warns: accuracy will suffer).")
 @click.pass_context
-def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify, report_path) -> None:
+def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify, report_path, calib, random_calib) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTPUT."""
     from qpass.api import build_passes
     from qpass.model_io import load_model, save_model
@@ -168,7 +171,15 @@ def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify,
         raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
     passes = build_passes(recipe, pass_list, add=add_pass, remove=remove_pass)
     ir_model = load_model(model)
-    result = Pipeline(passes, verify=not no_verify).run(ir_model)
+    context, probe = {"progress": _progress(ctx.obj["quiet"])}, None
+    if calib is not None or random_calib:
+        from qpass.calib_data import load_calibration
+
+        if calib is None:
+            click.echo(f"qpass: warning: calibrating on {random_calib} RANDOM samples: scales will not fit real data", err=True)
+        context["calibration"] = load_calibration(calib, ir_model, random_samples=random_calib)
+        probe = next(iter(context["calibration"]))
+    result = Pipeline(passes, verify=not no_verify, context=context, probe_feeds=probe).run(ir_model)
     save_model(result.model, output, input_path=model)
     if report_path:
         Path(report_path).write_text(json.dumps(result.to_dict(), indent=2))
@@ -178,24 +189,103 @@ def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify,
     console.print(f"wrote {output} ({result.model.graph.num_nodes()} nodes, {len(result.stats)} passes, {verdict}, {result.seconds:.2f} s)")
 
 
+def _report_table(report, limit: int = 15) -> Table:
+    table = Table(title="per-layer SQNR (worst first)", show_edge=False)
+    for col, justify in (("layer", "left"), ("op", "left"), ("SQNR", "right")):
+        table.add_column(col, justify=justify)
+    for layer in report.layers[:limit]:
+        table.add_row(layer.node, layer.op_type, f"{layer.sqnr_db:.1f} dB")
+    if len(report.layers) > limit:
+        table.add_row(f"... {len(report.layers) - limit} more", "", "")
+    return table
+
+
+def _print_report(report) -> None:
+    console.print(_report_table(report))
+    outs = ", ".join(f"{k} {v:.1f} dB" for k, v in report.output_sqnr_db.items())
+    console.print(f"model output SQNR: {outs} (on {report.samples} calibration samples)")
+    console.print(f"weights: {_fmt_bytes(report.float_bytes)} float -> {_fmt_bytes(report.quantized_bytes)} quantized")
+    fused = report.fused
+    if fused:
+        ints = ", ".join(f"{k} {v}" for k, v in fused["integer"].items()) or "none"
+        left = ", ".join(f"{k} {v}" for k, v in fused["float_behind_dq"].items()) or "none"
+        console.print(f"onnxruntime {fused['onnxruntime']} kernels: integer ({ints}); float behind DequantizeLinear ({left})", markup=False)
+
+
+def _progress(quiet: bool):
+    from tqdm import tqdm
+
+    return lambda it, **kw: tqdm(it, disable=quiet or not sys.stderr.isatty(), file=sys.stderr, leave=False, **kw)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the quantized model (.onnx).")
+@click.option("-c", "--calib", type=click.Path(path_type=Path), help="Calibration data: an .npz (one array per input) or a folder of .npy/.npz files.")
+@click.option("--random-calib", type=int, default=0, metavar="N", help="Calibrate on N random samples instead (for trying things out; accuracy will suffer).")
+@click.option("-r", "--recipe", default="w8a8", show_default=True, help="A quantizing recipe (see 'qpass recipes') or a YAML file.")
+@click.option("--exclude", multiple=True, metavar="NAME|OP|REGEX", help="Leave matching nodes in float. Repeatable.")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default) or per tensor.")
+@click.option("--observer", type=click.Choice(["minmax", "moving_average", "percentile", "mse", "entropy"]), help="How activation ranges are calibrated.")
+@click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="Activation integer type.")
+@click.option("--weight-dtype", type=click.Choice(["int8", "uint8", "int4", "uint4"]), help="Weight integer type.")
+@click.option("--limit", type=int, help="Use at most this many calibration samples.")
+@click.option("--no-verify", is_flag=True, help="Skip the checks after each pass.")
+@click.option("--report-json", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--report-html", type=click.Path(path_type=Path), help="Write the report as an HTML page with a per-layer SQNR chart.")
+@click.pass_context
+def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_channel, observer, activation_dtype, weight_dtype, limit, no_verify, report_json, report_html) -> None:
+    """Quantize MODEL with calibration data and write a QDQ model onnxruntime runs with integer kernels."""
+    import qpass
+    from qpass.errors import CalibrationError, OutputError
+
+    if calib is None and not random_calib:
+        raise CalibrationError("quantizing needs calibration data: pass --calib DATA (or --random-calib N to try it out)")
+    if Path(output).resolve() == Path(model).resolve():
+        raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
+    if random_calib and calib is None:
+        click.echo(f"qpass: warning: calibrating on {random_calib} RANDOM samples: scales will not fit real data", err=True)
+    result = qpass.quantize(
+        model, calib, recipe=recipe, random_calibration=random_calib, limit=limit, verify=not no_verify,
+        progress=_progress(ctx.obj["quiet"]), exclude=tuple(exclude) or None, per_channel=per_channel,
+        observer=observer, activation_dtype=activation_dtype, weight_dtype=weight_dtype,
+    )
+    qpass.save_model(result.model, output, input_path=model)
+    if report_json:
+        Path(report_json).write_text(result.report.to_json())
+    if report_html:
+        Path(report_html).write_text(result.report.to_html(f"qpass: {Path(model).name}"))
+    if not ctx.obj["quiet"]:
+        console.print(_stats_table(_Stats(result.stats), f"{model} -> {output} (recipe {recipe})"))
+        _print_report(result.report)
+    console.print(f"wrote {output} ({result.seconds:.2f} s)")
+
+
+@dataclasses.dataclass
+class _Stats:
+    stats: list
+
+
 @main.command()
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Also write the demo models and their results here.")
 @click.pass_context
 def demo(ctx, output_dir) -> None:
-    """Run the default pipeline on two built-in models (a small CNN and a transformer block)."""
+    """Quantize two built-in models (a small CNN and a transformer block) and print the reports."""
+    import onnx
+
     import qpass
-    from qpass.demo import demo_models
+    from qpass.demo import demo_calibration, demo_models
 
     for name, proto in demo_models().items():
-        result = qpass.run(proto, "fold")
-        console.print(_stats_table(result, f"{name}: recipe 'fold'"))
+        result = qpass.quantize(proto, demo_calibration(proto), progress=_progress(ctx.obj["quiet"]))
+        console.rule(f"{name}: recipe 'w8a8', {len(demo_calibration(proto))} generated calibration samples")
+        console.print(_stats_table(_Stats(result.stats), "passes"))
+        _print_report(result.report)
         if output_dir:
             output_dir.mkdir(parents=True, exist_ok=True)
-            import onnx
-
             onnx.save(proto, output_dir / f"{name}.onnx")
-            qpass.save_model(result.model, output_dir / f"{name}.fold.onnx")
-    console.print("next: 'qpass inspect MODEL', 'qpass run MODEL -o OUT --recipe fold', 'qpass passes', 'qpass recipes'")
+            qpass.save_model(result.model, output_dir / f"{name}.w8a8.onnx")
+    console.print("next: 'qpass quantize MODEL -o OUT --calib DATA', 'qpass inspect MODEL', 'qpass passes', 'qpass recipes'")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,134 @@
+"""Mark which tensors to quantize and how (the intent), without changing the graph's function.
+
+Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation inputs, constant
+           weights and (for ops onnxruntime fuses with an output Q: Conv, ConvTranspose,
+           Gemm; MatMul when ``quantize_matmul_output``) their output — taken after a single
+           Relu/Clip, which onnxruntime absorbs. Pooling ops (MaxPool, AveragePool,
+           GlobalAveragePool) between quantized tensors get their input and output marked.
+           Excluded: nodes whose name, op type or a ``re.fullmatch`` of ``exclude`` matches.
+Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_spec"]``:
+           activations ``activation_dtype`` per tensor (affine unless ``symmetric_activations``,
+           observer ``observer``); weights ``weight_dtype`` symmetric narrow-range, per output
+           channel (Conv axis 0, ConvTranspose 1, MatMul [K, N] 1, Gemm 0 with transB else 1)
+           unless ``per_channel`` is false. ``overrides`` maps a node name/op type/regex to
+           option changes for that node (e.g. ``{"fc2": {"weight_dtype": "int4"}}``).
+Preserves: the float function (only metadata changes). ``insert-qdq`` materializes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+
+import onnx_ir as ir
+
+from qpass.pass_base import Pass, PassReport
+from qpass.schemes import SPEC_KEY, QuantSpec
+
+__all__ = ["AnnotateQuantPass", "weight_channel_axis"]
+
+_POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
+_OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
+
+
+def weight_channel_axis(node: ir.Node) -> int:
+    """The output-channel axis of a node's weight input (ALGORITHMS.md §0.1)."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return 1
+    return 0
+
+
+def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if pattern in (node.name, node.op_type) or (node.name and re.fullmatch(pattern, node.name)):
+            return pattern
+    return None
+
+
+@dataclasses.dataclass
+class AnnotateQuantPass(Pass):
+    name = "annotate-quant"
+    preserves_float = True
+
+    activation_dtype: str = "uint8"
+    weight_dtype: str = "int8"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.999
+    op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    quantize_matmul_output: bool = False
+    exclude: tuple[str, ...] = ()
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.op_types = tuple(self.op_types)
+        self.exclude = tuple(self.exclude)
+        self._act_spec(self)  # validate early: bad dtypes/observers fail at construction
+        self._weight_spec(self, 0)
+
+    def _act_spec(self, o) -> QuantSpec:
+        return QuantSpec(o.activation_dtype, symmetric=o.symmetric_activations, observer=o.observer, percentile=o.percentile)
+
+    def _weight_spec(self, o, axis: int) -> QuantSpec:
+        if o.per_channel:
+            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="channel", axis=axis)
+        return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True)
+
+    def _options_for(self, node: ir.Node):
+        key = _matches(node, tuple(self.overrides))
+        return dataclasses.replace(self, **self.overrides[key]) if key else self
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = PassReport(model, False)
+        marked: Counter = Counter()
+
+        def mark(value: ir.Value | None, spec: QuantSpec) -> None:
+            if value is None or value.meta.get(SPEC_KEY) is not None:
+                return
+            if value.const_value is None and (value.dtype is None or not value.dtype.is_floating_point()):
+                return
+            value.meta[SPEC_KEY] = spec
+            marked["weights" if value.const_value is not None else "activations"] += 1
+
+        for node in model.graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in self.op_types + _POOLS:
+                continue
+            if (hit := _matches(node, self.exclude)) is not None:
+                report.skipped[f"excluded by '{hit}'"] += 1
+                continue
+            o = self._options_for(node)
+            act = self._act_spec(o)
+            if node.op_type in _POOLS:
+                source = node.inputs[0].producer()
+                if source is None or SPEC_KEY not in node.inputs[0].meta:
+                    report.skipped[f"{node.op_type} input not quantized"] += 1
+                    continue
+                mark(node.outputs[0], act)
+                report.rewritten += 1
+                continue
+            weight_index = 1 if node.op_type != "Gemm" or not node.attributes.get_int("transA", 0) else None
+            for i, value in enumerate(node.inputs[:2]):
+                if value is None:
+                    continue
+                if value.const_value is not None:
+                    if i == weight_index and value.const_value.dtype.is_floating_point():
+                        mark(value, self._weight_spec(o, weight_channel_axis(node)))
+                else:
+                    mark(value, act)
+            if node.op_type in _OUTPUT_FUSING or (node.op_type == "MatMul" and o.quantize_matmul_output):
+                out = node.outputs[0]
+                follower = out.uses()[0].node if len(out.uses()) == 1 else None
+                if follower is not None and follower.op_type in ("Relu", "Clip") and not out.is_graph_output():
+                    out = follower.outputs[0]
+                if not out.is_graph_output():
+                    mark(out, act)
+            report.rewritten += 1
+        report.details = dict(marked)
+        report.modified = bool(marked)
+        return report

@@ -1,0 +1,187 @@
+"""Materialize quantization intent as standard QuantizeLinear/DequantizeLinear (QDQ) nodes.
+
+Matches:   every value annotated with a ``QuantSpec`` (see ``annotate-quant``).
+Rewrites:  constant weights -> integer initializer + DequantizeLinear (per-channel ``axis``);
+           the float bias of a Conv/ConvTranspose/Gemm whose input and weight are quantized
+           -> int32 initializer + DequantizeLinear with scale ``s_x * s_w`` (the weight scale
+           is enlarged where the bias would overflow int32, ALGORITHMS.md §11.4);
+           activations -> one QuantizeLinear and one DequantizeLinear after the producer,
+           consumers read the DequantizeLinear (graph outputs stay float). Outputs of
+           data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
+           Resize) reuse their input's scale and zero-point, so onnxruntime can run them on
+           integers. Parameters come from the ``Calibration`` analysis.
+Preserves: nothing exactly: the float function moves by the quantization error, which the
+           pipeline reports as SQNR. Placement follows onnxruntime's QDQ fusion rules
+           (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm). ALGORITHMS.md §11.3-11.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.analyses.calibration import Calibration, annotated_activations
+from qpass.graph_utils import unique_name
+from qpass.pass_base import Pass, PassReport
+from qpass.schemes import SPEC_KEY, QuantSpec, qparams_from_range
+
+__all__ = ["InsertQDQPass", "quantize_array"]
+
+_SHARE_PARAMS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
+_INT32_MAX = 2**31 - 1
+
+
+def quantize_array(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec, axis: int | None) -> np.ndarray:
+    """round-half-even(x / scale) + zero, clipped to the spec's range, as its integer dtype."""
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = np.clip(np.round(x.astype(np.float64) / scale) + zero, spec.qmin, spec.qmax)
+    return q.astype(_NP_DTYPES[spec.dtype])
+
+
+_NP_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int4": np.int8, "uint4": np.uint8}
+_IR_DTYPES = {
+    "int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8, "int16": ir.DataType.INT16,
+    "uint16": ir.DataType.UINT16, "int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4,
+}
+
+
+def _weight_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, int | None]:
+    if spec.granularity == "channel":
+        axis = spec.axis % w.ndim
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        scale, zero = qparams_from_range(spec, moved.min(axis=1), moved.max(axis=1))
+        return scale, zero, axis
+    scale, zero = qparams_from_range(spec, w.min(), w.max())
+    return np.asarray(scale), np.asarray(zero), None
+
+
+@dataclasses.dataclass
+class InsertQDQPass(Pass):
+    name = "insert-qdq"
+    preserves_float = False
+
+    def call(self, model: ir.Model) -> PassReport:
+        graph = model.graph
+        report = PassReport(model, False)
+        acts = annotated_activations(model)
+        calib = self.analysis(Calibration(), model) if acts else None
+        params: dict[str, tuple[np.ndarray, np.ndarray, QuantSpec]] = {}
+        counts: Counter = Counter()
+
+        def act_params(value: ir.Value):
+            if value.name in params:
+                return params[value.name]
+            producer = value.producer()
+            spec = value.meta[SPEC_KEY]
+            if producer is not None and producer.op_type in _SHARE_PARAMS and SPEC_KEY in producer.inputs[0].meta \
+                    and producer.inputs[0].const_value is None and producer.inputs[0].meta[SPEC_KEY].dtype == spec.dtype:
+                params[value.name] = act_params(producer.inputs[0])
+                counts["shared parameters"] += 1
+            else:
+                scale, zero = calib.observers[value.name].qparams()
+                params[value.name] = (np.asarray(scale, np.float32), np.asarray(zero), spec)
+            return params[value.name]
+
+        values = {name: v for name, v in ((v.name, v) for v in list(graph.inputs) + [o for n in graph for o in n.outputs])}
+        for name in acts:
+            act_params(values[name])
+
+        weight_done: dict[str, ir.Value] = {}
+        for node in list(graph):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            for i, value in enumerate(node.inputs):
+                if value is None or value.const_value is None or SPEC_KEY not in value.meta:
+                    continue
+                if value.name not in weight_done:
+                    bias = self._bias_of(node, i, params)
+                    weight_done[value.name] = self._quantize_weight(graph, node, value, bias, params)
+                    counts["weights"] += 1
+                node.replace_input_with(i, weight_done[value.name])
+        for name in acts:
+            value = values[name]
+            scale, zero, spec = params[name]
+            self._insert_pair(graph, value, scale, zero, spec)
+            counts["activations"] += 1
+        report.rewritten = counts["weights"] + counts["activations"]
+        report.details = dict(counts)
+        report.modified = report.rewritten > 0
+        for value in values.values():
+            value.meta.pop(SPEC_KEY, None)
+        for value in graph.initializers.values():
+            value.meta.pop(SPEC_KEY, None)
+        return report
+
+    @staticmethod
+    def _bias_of(node: ir.Node, weight_index: int, params) -> ir.Value | None:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight_index != 1 or len(node.inputs) < 3:
+            return None
+        bias, x = node.inputs[2], node.inputs[0]
+        if bias is None or bias.const_value is None or x is None or x.name not in params:
+            return None
+        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+            return None
+        return bias
+
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, value: ir.Value, bias: ir.Value | None, params) -> ir.Value:
+        spec: QuantSpec = value.meta[SPEC_KEY]
+        w = value.const_value.numpy()
+        scale, zero, axis = _weight_params(w, spec)
+        if bias is not None:
+            s_x = float(params[node.inputs[0].name][0].reshape(()))
+            b = bias.const_value.numpy().astype(np.float64).reshape(-1)
+            # enlarge weight scales where the int32 bias would overflow (§11.4)
+            need = np.abs(b) / (s_x * _INT32_MAX)
+            scale = np.maximum(scale.astype(np.float64), need if axis is not None else need.max()).astype(np.float32)
+        q = quantize_array(w, scale, zero, spec, axis)
+        dq = self._dequantize(graph, value, q, scale, zero.astype(q.dtype), spec.dtype, axis)
+        if bias is not None:
+            bias_scale = (s_x * scale.astype(np.float64)).astype(np.float32)
+            b_q = np.clip(np.round(b / bias_scale.astype(np.float64)), -_INT32_MAX, _INT32_MAX).astype(np.int32)
+            bias_axis = 0 if bias_scale.size > 1 else None
+            bias_dq = self._dequantize(graph, bias, b_q, bias_scale, np.zeros_like(bias_scale, np.int32), None, bias_axis)
+            node.replace_input_with(2, bias_dq)
+        return dq
+
+    @staticmethod
+    def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        tensor = ir.tensor(array, dtype=dtype) if dtype is not None else ir.tensor(array)
+        value = ir.Value(name=unique_name(graph, name), const_value=tensor)
+        value.shape, value.dtype = tensor.shape, tensor.dtype
+        graph.register_initializer(value)
+        return value
+
+    def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis) -> ir.Value:
+        ir_dtype = _IR_DTYPES[dtype_name] if dtype_name else None
+        q_init = self._initializer(graph, f"{value.name}_quantized", q, ir_dtype)
+        s_init = self._initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()))
+        z_init = self._initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype)
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q_init, s_init, z_init], attrs, name=f"{value.name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized"), ir.DataType.FLOAT, value.shape
+        graph.insert_before(next(iter(graph)), dq) if len(graph) else graph.append(dq)
+        return out
+
+    def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> None:
+        ir_dtype = _IR_DTYPES[spec.dtype]
+        s_init = self._initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()))
+        z_init = self._initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype)
+        users = [(u.node, u.idx) for u in value.uses()]
+        q = ir.node("QuantizeLinear", [value, s_init, z_init], name=f"{value.name}_QuantizeLinear")
+        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized"), ir_dtype, value.shape
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s_init, z_init], name=f"{value.name}_DequantizeLinear")
+        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized"), value.dtype, value.shape
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(next(iter(graph)), [q, dq])
+        else:
+            graph.insert_after(producer, [q, dq])
+        for user, idx in users:
+            user.replace_input_with(idx, dq.outputs[0])
