@@ -1,0 +1,211 @@
+"""Static int8 quantization end to end: placement, parameters, accuracy, report, CLI."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass.cli import main
+from qpass.demo import demo_calibration, demo_cnn, demo_transformer
+from qpass.verify import run_model, sqnr_db
+
+
+def _calib(proto, n=16, seed=1):
+    return demo_calibration(proto, n, seed)
+
+
+def _dq_of(model: ir.Model, weight_name: str) -> ir.Node:
+    return next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith(weight_name + "_quantized"))
+
+
+def _conv_model(kind: str) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    if kind == "ConvTranspose":
+        w = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)  # [C_in, C_out, k, k]
+        node = helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="layer")
+        out_c = 6
+    else:
+        w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", pads=[1, 1, 1, 1])
+        out_c = 6
+    w[2] *= 10  # one channel with a much larger range
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", ["y"], ["r"], name="relu"), helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["p", "W2"], ["z"], name="head")],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(out_c).astype(np.float32), "B"),
+         numpy_helper.from_array(rng.standard_normal((2, out_c, 1, 1)).astype(np.float32), "W2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind,axis", [("Conv", 0), ("ConvTranspose", 1)])
+def test_per_channel_axis_and_int32_bias(kind, axis):
+    proto = _conv_model(kind)
+    result = qpass.quantize(proto, _calib(proto), report=False)
+    model = result.model
+    dq = _dq_of(model, "W")
+    assert dq.attributes.get_int("axis") == axis
+    w = numpy_helper.to_array(proto.graph.initializer[0])
+    scales = dq.inputs[1].const_value.numpy()
+    assert scales.shape == (6,)
+    channel_max = np.abs(np.moveaxis(w, axis, 0).reshape(6, -1)).max(axis=1)
+    np.testing.assert_allclose(scales, channel_max / 127, rtol=1e-6)
+    assert dq.inputs[0].const_value.dtype == ir.DataType.INT8
+    # bias: int32, scale s_x * s_w, dequantizes within half a step
+    layer = model.graph.node("layer")
+    bias_dq = layer.inputs[2].producer()
+    assert bias_dq.op_type == "DequantizeLinear" and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    x_scale = float(layer.inputs[0].producer().inputs[1].const_value.numpy())
+    np.testing.assert_allclose(bias_dq.inputs[1].const_value.numpy(), x_scale * scales, rtol=1e-6)
+    b = numpy_helper.to_array(proto.graph.initializer[1])
+    deq = bias_dq.inputs[0].const_value.numpy() * bias_dq.inputs[1].const_value.numpy()
+    assert np.all(np.abs(deq - b) <= 0.5 * x_scale * scales + 1e-9)
+
+
+def test_matmul_and_gemm_axes():
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "Wm"], ["m"], name="mm"),
+         helper.make_node("Gemm", ["m", "Wt", "bt"], ["g1"], name="gemm_t", transB=1),
+         helper.make_node("Gemm", ["g1", "Wn"], ["y"], name="gemm_n")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "Wm"),
+         numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "Wt"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bt"),
+         numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "Wn")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    assert _dq_of(model, "Wm").attributes.get_int("axis") == 1
+    assert _dq_of(model, "Wm").inputs[1].const_value.shape == (5,)
+    assert _dq_of(model, "Wt").attributes.get_int("axis") == 0
+    assert _dq_of(model, "Wt").inputs[1].const_value.shape == (4,)
+    assert _dq_of(model, "Wn").attributes.get_int("axis") == 1
+
+
+def test_maxpool_shares_its_input_parameters():
+    proto = _conv_model("Conv")
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    pool = model.graph.node("pool")
+    q_in = pool.inputs[0].producer().inputs[0].producer()  # DQ <- Q
+    head = model.graph.node("head")
+    q_out = head.inputs[0].producer().inputs[0].producer()
+    assert q_in.op_type == q_out.op_type == "QuantizeLinear" and q_in is not q_out
+    assert q_in.inputs[1].const_value.numpy() == q_out.inputs[1].const_value.numpy()
+    assert q_in.inputs[2].const_value.numpy() == q_out.inputs[2].const_value.numpy()
+
+
+def test_one_quantize_pair_per_tensor_and_outputs_stay_float():
+    proto = demo_transformer()
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    q_inputs = [n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert len(q_inputs) == len(set(q_inputs))  # q, k, v share one pair on hidden_states
+    assert model.graph.outputs[0].producer().op_type == "LayerNormalization"
+
+
+def test_exclude_keeps_nodes_float():
+    proto = demo_transformer()
+    model = qpass.quantize(proto, _calib(proto), report=False, exclude=("fc2", "attn\\..*")).model
+    fc2 = model.graph.node("fc2")
+    assert fc2.inputs[1].producer() is None  # float weight, no DequantizeLinear
+    assert all(v.producer() is None or v.producer().op_type != "DequantizeLinear" for v in model.graph.node("attn.qk").inputs)
+    assert model.graph.node("fc1").inputs[1].producer().op_type == "DequantizeLinear"
+
+
+@pytest.mark.parametrize("builder,floor", [(demo_cnn, 30.0), (demo_transformer, 25.0)])
+def test_quantized_demo_models_stay_close_to_float(builder, floor):
+    proto = builder()
+    result = qpass.quantize(proto, _calib(proto, 32))
+    feeds = _calib(proto, 4, seed=7)
+    ref = np.concatenate([run_model(qpass.load_model(proto), f)[proto.graph.output[0].name].ravel() for f in feeds])
+    got = np.concatenate([run_model(result.model, f)[proto.graph.output[0].name].ravel() for f in feeds])
+    assert sqnr_db(ref, got) > floor
+    report = result.report
+    assert report.layers == sorted(report.layers, key=lambda l: l.sqnr_db)
+    assert report.quantized_bytes < report.float_bytes / 3
+    assert all(np.isfinite(l.sqnr_db) and l.sqnr_db > 15 for l in report.layers)
+
+
+def test_onnxruntime_fuses_integer_kernels():
+    # Fused-op names are onnxruntime's: stated for 1.30-1.32 (QLinearConv for QDQ Conv on CPU).
+    proto = demo_cnn()
+    report = qpass.quantize(proto, _calib(proto)).report
+    assert report.fused["integer"].get("QLinearConv", 0) == 2
+    assert report.fused["float_behind_dq"] == {}
+
+
+def test_degenerate_ranges_give_valid_scales():
+    # Relu of a negative constant: the activation after it is all zeros.
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="c1"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "W2"], ["y"], name="c2")],
+        "zeros", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [numpy_helper.from_array(np.zeros((2, 1, 1, 1), np.float32), "W"),
+         numpy_helper.from_array(np.full(2, -1.0, np.float32), "B"),
+         numpy_helper.from_array(np.zeros((1, 2, 1, 1), np.float32), "W2")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, [{"x": np.ones((1, 1, 4, 4), np.float32)}] * 2, report=False).model
+    for node in model.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            scale = node.inputs[1].const_value.numpy()
+            assert np.all(np.isfinite(scale)) and np.all(scale > 0)
+    out = run_model(model, {"x": np.ones((1, 1, 4, 4), np.float32)})["y"]
+    assert np.all(out == 0)
+
+
+def test_report_json_and_html(tmp_path):
+    proto = demo_cnn()
+    report = qpass.quantize(proto, _calib(proto)).report
+    data = json.loads(report.to_json())
+    assert data["layers"][0]["sqnr_db"] == min(l["sqnr_db"] for l in data["layers"])
+    assert "<svg" in report.to_html() and data["fused"]["onnxruntime"]
+
+
+def test_quantize_is_deterministic(tmp_path):
+    proto = demo_transformer()
+    blobs = []
+    for i in range(2):
+        model = qpass.quantize(proto, _calib(proto), report=False).model
+        blobs.append(qpass.save_model(model, tmp_path / f"q{i}.onnx").read_bytes())
+    assert blobs[0] == blobs[1]
+
+
+def test_quantize_without_calibration_or_unknown_option():
+    with pytest.raises(qpass.CalibrationError):
+        qpass.quantize(demo_cnn(), None)
+    with pytest.raises(qpass.PipelineError, match="unknown quantization option 'bits'"):
+        qpass.quantize(demo_cnn(), _calib(demo_cnn()), bits=4)
+
+
+def test_cli_quantize_writes_model_and_reports(tmp_path):
+    proto = demo_cnn()
+    src = tmp_path / "cnn.onnx"
+    onnx.save(proto, src)
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([f["input"] for f in _calib(proto, 8)]))
+    out = tmp_path / "cnn.q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                                       "--report-json", str(tmp_path / "r.json"), "--report-html", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "per-layer SQNR" in result.output and "QLinearConv" in result.output
+    onnx.checker.check_model(onnx.load(out))
+    assert json.loads((tmp_path / "r.json").read_text())["output_sqnr_db"]["logits"] > 25
+
+
+def test_cli_quantize_bad_calibration(tmp_path):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(demo_cnn(), src)
+    for args, fragment in (([], "needs calibration data"), (["--calib", str(tmp_path / "none.npz")], "none.npz")):
+        result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "o.onnx"), *args])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("qpass: error:") and fragment in result.output
+    assert not (tmp_path / "o.onnx").exists()
