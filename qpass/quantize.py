@@ -78,7 +78,7 @@ def quantize(
         logger.warning("calibrating on RANDOM data: scales will not fit real inputs; pass real calibration data")
     first_feeds = next(iter(calib))
     context = {"calibration": calib, "progress": progress}
-    stage1 = Pipeline(pass_list[:split], verify=verify, probe_feeds=first_feeds, on_pass=on_pass).run(ir_model)
+    stage1 = Pipeline(pass_list[:split], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
     float_model = ir_model.clone()
     stage2 = Pipeline(pass_list[split:], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
     stats = stage1.stats + stage2.stats
