@@ -10,7 +10,8 @@ Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_
            activations ``activation_dtype`` per tensor (affine unless ``symmetric_activations``,
            observer ``observer``); weights ``weight_dtype`` symmetric narrow-range, per output
            channel (Conv axis 0, ConvTranspose 1, MatMul [K, N] 1, Gemm 0 with transB else 1)
-           unless ``per_channel`` is false. ``overrides`` maps a node name/op type/regex to
+           unless ``per_channel`` is false; ``activation_bits``/``weight_bits`` use fewer levels
+           than the storage type (w6a6, w4a4 studies). ``overrides`` maps a node name/op type/regex to
            option changes for that node (e.g. ``{"fc2": {"weight_dtype": "int4"}}``).
 Preserves: the float function (only metadata changes). ``insert-qdq`` materializes it.
 """
@@ -61,6 +62,8 @@ class AnnotateQuantPass(Pass):
     symmetric_activations: bool = False
     observer: str = "minmax"
     percentile: float = 99.999
+    activation_bits: int | None = None
+    weight_bits: int | None = None
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     quantize_matmul_output: bool = False
     exclude: tuple[str, ...] = ()
@@ -73,12 +76,15 @@ class AnnotateQuantPass(Pass):
         self._weight_spec(self, 0)
 
     def _act_spec(self, o) -> QuantSpec:
-        return QuantSpec(o.activation_dtype, symmetric=o.symmetric_activations, observer=o.observer, percentile=o.percentile)
+        return QuantSpec(
+            o.activation_dtype, symmetric=o.symmetric_activations, observer=o.observer, percentile=o.percentile,
+            num_bits=o.activation_bits,
+        )
 
     def _weight_spec(self, o, axis: int) -> QuantSpec:
         if o.per_channel:
-            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="channel", axis=axis)
-        return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True)
+            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="channel", axis=axis, num_bits=o.weight_bits)
+        return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, num_bits=o.weight_bits)
 
     def _options_for(self, node: ir.Node):
         key = _matches(node, tuple(self.overrides))
@@ -91,6 +97,8 @@ class AnnotateQuantPass(Pass):
         def mark(value: ir.Value | None, spec: QuantSpec) -> None:
             if value is None or value.meta.get(SPEC_KEY) is not None:
                 return
+            if value.producer() is not None and value.producer().domain == "ai.qpass":
+                return  # already quantized by a qpass quantizer (log2 softmax)
             if value.const_value is None and (value.dtype is None or not value.dtype.is_floating_point()):
                 return
             value.meta[SPEC_KEY] = spec

@@ -174,14 +174,23 @@ class InsertQDQPass(Pass):
         s_init = self._initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()))
         z_init = self._initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype)
         users = [(u.node, u.idx) for u in value.uses()]
-        q = ir.node("QuantizeLinear", [value, s_init, z_init], name=f"{value.name}_QuantizeLinear")
+        source, extra = value, []
+        if spec.restricted:  # fewer levels than the storage type: clip to the representable range first
+            lo = float(np.float32(scale) * (spec.qmin - int(zero)))
+            hi = float(np.float32(scale) * (spec.qmax - int(zero)))
+            lo_v = self._initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32))
+            hi_v = self._initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32))
+            clip = ir.node("Clip", [value, lo_v, hi_v], name=f"{value.name}_Clip")
+            clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped"), value.dtype, value.shape
+            source, extra = clip.outputs[0], [clip]
+        q = ir.node("QuantizeLinear", [source, s_init, z_init], name=f"{value.name}_QuantizeLinear")
         q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized"), ir_dtype, value.shape
         dq = ir.node("DequantizeLinear", [q.outputs[0], s_init, z_init], name=f"{value.name}_DequantizeLinear")
         dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized"), value.dtype, value.shape
         producer = value.producer()
         if producer is None:
-            graph.insert_before(next(iter(graph)), [q, dq])
+            graph.insert_before(next(iter(graph)), [*extra, q, dq])
         else:
-            graph.insert_after(producer, [q, dq])
+            graph.insert_after(producer, [*extra, q, dq])
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])

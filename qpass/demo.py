@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["demo_cnn", "demo_transformer", "demo_models", "demo_calibration"]
+__all__ = ["demo_cnn", "demo_transformer", "demo_vit", "demo_models", "demo_calibration"]
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -149,6 +149,64 @@ def demo_transformer(seed: int = 0, hidden: int = 64, heads: int = 4, ffn: int =
         "demo_transformer",
         [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["batch", seq, hidden])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", seq, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo")
+
+
+def demo_vit(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, tokens: int = 17) -> onnx.ModelProto:
+    """Pre-LN ViT blocks (LayerNormalization -> attention / MLP, residual adds) with outlier
+    channels in the LayerNorm gammas, as trained ViTs have. Input [N, tokens, hidden]."""
+    rng = np.random.default_rng(seed)
+    dh, ffn = hidden // heads, hidden * 4
+    inits: list = [
+        _init("heads_shape", np.array([0, 0, heads, dh], np.int64)), _init("merge_shape", np.array([0, 0, hidden], np.int64)),
+        _init("scale", np.array(1 / np.sqrt(dh), np.float32)),
+    ]
+    nodes: list = []
+    x = "tokens"
+    for i in range(layers):
+        p = f"blocks.{i}"
+        for ln in ("norm1", "norm2"):
+            gamma = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+            gamma[rng.choice(hidden, 3, replace=False)] *= 12.0
+            inits += [_init(f"{p}.{ln}.weight", gamma), _init(f"{p}.{ln}.bias", rng.normal(0, 0.5, hidden).astype(np.float32))]
+        lin = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "proj": (hidden, hidden), "fc1": (hidden, ffn), "fc2": (ffn, hidden)}
+        for name, (a, b) in lin.items():
+            inits += [_init(f"{p}.{name}.weight", (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)),
+                      _init(f"{p}.{name}.bias", rng.normal(0, 0.02, b).astype(np.float32))]
+
+        def linear(inp, name, out):
+            nodes.extend([helper.make_node("MatMul", [inp, f"{p}.{name}.weight"], [f"{p}.{name}.mm"], name=f"{p}.{name}"),
+                          helper.make_node("Add", [f"{p}.{name}.mm", f"{p}.{name}.bias"], [out], name=f"{p}.{name}.add")])
+
+        nodes.append(helper.make_node("LayerNormalization", [x, f"{p}.norm1.weight", f"{p}.norm1.bias"], [f"{p}.n1"], name=f"{p}.norm1", axis=-1))
+        for name in ("q", "k", "v"):
+            linear(f"{p}.n1", name, f"{p}.{name}.out")
+            nodes.append(helper.make_node("Reshape", [f"{p}.{name}.out", "heads_shape"], [f"{p}.{name}.h"], name=f"{p}.{name}.split"))
+            perm = [0, 2, 3, 1] if name == "k" else [0, 2, 1, 3]
+            nodes.append(helper.make_node("Transpose", [f"{p}.{name}.h"], [f"{p}.{name}.t"], name=f"{p}.{name}.transpose", perm=perm))
+        nodes += [
+            helper.make_node("MatMul", [f"{p}.q.t", f"{p}.k.t"], [f"{p}.scores"], name=f"{p}.attn.qk"),
+            helper.make_node("Mul", [f"{p}.scores", "scale"], [f"{p}.scaled"], name=f"{p}.attn.scale"),
+            helper.make_node("Softmax", [f"{p}.scaled"], [f"{p}.probs"], name=f"{p}.attn.softmax", axis=-1),
+            helper.make_node("MatMul", [f"{p}.probs", f"{p}.v.t"], [f"{p}.ctx"], name=f"{p}.attn.pv"),
+            helper.make_node("Transpose", [f"{p}.ctx"], [f"{p}.ctx.t"], name=f"{p}.attn.merge_t", perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [f"{p}.ctx.t", "merge_shape"], [f"{p}.ctx.m"], name=f"{p}.attn.merge"),
+        ]
+        linear(f"{p}.ctx.m", "proj", f"{p}.attn.out")
+        nodes.append(helper.make_node("Add", [x, f"{p}.attn.out"], [f"{p}.res1"], name=f"{p}.res1"))
+        nodes.append(helper.make_node("LayerNormalization", [f"{p}.res1", f"{p}.norm2.weight", f"{p}.norm2.bias"], [f"{p}.n2"], name=f"{p}.norm2", axis=-1))
+        linear(f"{p}.n2", "fc1", f"{p}.fc1.out")
+        nodes.append(helper.make_node("Gelu", [f"{p}.fc1.out"], [f"{p}.gelu"], name=f"{p}.gelu"))
+        linear(f"{p}.gelu", "fc2", f"{p}.mlp.out")
+        out = "embedding" if i == layers - 1 else f"{p}.out"
+        nodes.append(helper.make_node("Add", [f"{p}.res1", f"{p}.mlp.out"], [out], name=f"{p}.res2"))
+        x = out
+    graph = helper.make_graph(
+        nodes, "demo_vit",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, hidden])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", tokens, hidden])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo")

@@ -136,7 +136,12 @@ def load_recipe(name_or_path: str) -> Recipe:
     if name_or_path.endswith((".yaml", ".yml")):
         try:
             with open(name_or_path) as f:
-                return _recipe_from_data(yaml.safe_load(f), name_or_path)
+                data = yaml.safe_load(f)
         except OSError as e:
             raise UnknownNameError(f"cannot read recipe file '{name_or_path}': {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise UnknownNameError(f"recipe file '{name_or_path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict) or "name" not in data:
+            raise UnknownNameError(f"recipe file '{name_or_path}' needs a 'name' and a 'passes' list")
+        return _recipe_from_data(data, name_or_path)
     raise UnknownNameError(f"unknown recipe '{name_or_path}': run 'qpass recipes' to list them")

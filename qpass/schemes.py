@@ -38,7 +38,9 @@ class QuantSpec:
     along the reduction axis) / token (dynamic, one scale per row at run time);
     narrow_range: symmetric signed range [-2^(b-1)+1, 2^(b-1)-1] (e.g. [-127, 127]);
     pow2_scale: round scales up to a power of two (HPTQ); kind: uniform or log quantizer;
-    observer: how calibration turns statistics into a range; percentile: for that observer.
+    observer: how calibration turns statistics into a range; percentile: for that observer;
+    num_bits: fewer bits than the storage type holds (e.g. 6-bit codes in int8): the integer
+    range shrinks to 2^num_bits levels.
     """
 
     dtype: str = "int8"
@@ -51,6 +53,7 @@ class QuantSpec:
     kind: Kind = "uniform"
     observer: str = "minmax"
     percentile: float = 99.999
+    num_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in INT_RANGES:
@@ -65,6 +68,8 @@ class QuantSpec:
             raise ValueError(f"unknown quantizer kind '{self.kind}': uniform, log2 or log_sqrt2")
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer '{self.observer}': choose one of {', '.join(OBSERVERS)}")
+        if self.num_bits is not None and not 2 <= self.num_bits <= int("".join(c for c in self.dtype if c.isdigit())):
+            raise ValueError(f"num_bits must be between 2 and the bits of {self.dtype}, got {self.num_bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -74,16 +79,21 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return int("".join(c for c in self.dtype if c.isdigit()))
+        return self.num_bits or int("".join(c for c in self.dtype if c.isdigit()))
 
     @property
     def qmin(self) -> int:
-        lo = INT_RANGES[self.dtype][0]
+        lo = -(2 ** (self.bits - 1)) if self.signed else 0
         return lo + 1 if (self.narrow_range and self.signed) else lo
 
     @property
     def qmax(self) -> int:
-        return INT_RANGES[self.dtype][1]
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def restricted(self) -> bool:
+        """True when the codes use fewer levels than the storage type (a Clip emulates it in ONNX)."""
+        return self.qmax - self.qmin < INT_RANGES[self.dtype][1] - INT_RANGES[self.dtype][0] - (1 if self.narrow_range and self.signed else 0)
 
     def replace(self, **changes) -> QuantSpec:
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Per-channel abs-max and a bounded row sample of chosen activations, over the calibration set.
+"""Per-channel abs-max, min, max and a bounded row sample of chosen activations, over the calibration set.
 
 For values ``names`` (channels on the last axis), returns ``absmax[name]`` (max |x| per
 channel over every calibration batch) and ``rows[name]``: at most ``max_rows`` rows
@@ -26,6 +26,8 @@ __all__ = ["ActivationSamples", "ActivationSamplesResult"]
 class ActivationSamplesResult:
     absmax: Mapping[str, np.ndarray]
     rows: Mapping[str, np.ndarray]
+    minimum: Mapping[str, np.ndarray]
+    maximum: Mapping[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ActivationSamples(Analysis):
         session = ort_backend.make_session(model, extra_outputs=outputs)
         inputs = {i.name for i in session.get_inputs()}
         absmax: dict[str, np.ndarray] = {}
+        low: dict[str, np.ndarray] = {}
+        high: dict[str, np.ndarray] = {}
         rows: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         kept = 0
         for feeds in data:
@@ -53,6 +57,9 @@ class ActivationSamples(Analysis):
                 flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
                 batch_max = np.abs(flat).max(axis=0)
                 absmax[name] = batch_max if name not in absmax else np.maximum(absmax[name], batch_max)
+                lo, hi = flat.min(axis=0), flat.max(axis=0)
+                low[name] = lo if name not in low else np.minimum(low[name], lo)
+                high[name] = hi if name not in high else np.maximum(high[name], hi)
                 if kept < self.max_rows:
                     if take is None:
                         n = min(self.rows_per_batch, flat.shape[0], self.max_rows - kept)
@@ -63,5 +70,8 @@ class ActivationSamples(Analysis):
         if not absmax:
             raise CalibrationError("the calibration set is empty: pass at least one sample")
         return ActivationSamplesResult(
-            MappingProxyType(absmax), MappingProxyType({k: np.concatenate(v) for k, v in rows.items() if v})
+            MappingProxyType(absmax),
+            MappingProxyType({k: np.concatenate(v) for k, v in rows.items() if v}),
+            MappingProxyType(low),
+            MappingProxyType(high),
         )

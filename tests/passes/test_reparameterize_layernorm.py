@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+import qpass
+from qpass.demo import demo_calibration, demo_transformer, demo_vit
+from qpass.passes.reparameterize_layernorm import ReparameterizeLayerNormPass, repq_ratios
+from qpass.pipeline import Pipeline
+from qpass.verify import run_model, sqnr_db
+
+
+def test_per_tensor_codes_equal_per_channel_codes_in_float64():
+    rng = np.random.default_rng(0)
+    d = 16
+    x = rng.standard_normal((200, d)) * rng.uniform(0.5, 20, d) + rng.normal(0, 3, d)
+    gamma, beta = rng.uniform(0.5, 2, d), rng.normal(0, 1, d)
+    y = gamma * x + beta  # stands in for the LayerNorm output
+    bits = 4
+    s, r1, r2 = repq_ratios(y.min(0), y.max(0), bits)
+    z = np.clip(np.round(-np.minimum(y.min(0), 0) / s), 0, 2**bits - 1)
+    codes_channel = np.clip(np.round(y / s) + z, 0, 2**bits - 1)
+    y_new = (y + s * r2) / r1  # what the reparameterized LayerNorm emits
+    s_t, z_t = s.mean(), np.round(z.mean())
+    codes_tensor = np.clip(np.round(y_new / s_t) + z_t, 0, 2**bits - 1)
+    assert np.mean(codes_channel == codes_tensor) > 0.999  # equal up to float rounding at ties
+    w, b = rng.standard_normal((d, 8)), rng.standard_normal(8)
+    np.testing.assert_allclose(y_new @ (w * r1[:, None]) + (b - (s * r2) @ w), y @ w + b, rtol=1e-10, atol=1e-9)
+
+
+def test_pre_ln_vit_blocks_are_rewritten_and_verified():
+    proto = demo_vit()
+    model = qpass.load_model(proto)
+    stats = Pipeline([ReparameterizeLayerNormPass(bits=6)], context={"calibration": demo_calibration(proto, 8)}).run(model).stats[0]
+    assert stats.verification == "ok" and stats.rewritten == 4
+    assert all(v > 1 for v in stats.details["r1_spread"].values())
+
+
+def test_post_ln_is_rejected_and_counted():
+    proto = demo_transformer()  # post-LN: the LayerNorm output feeds the residual too
+    model = qpass.load_model(proto)
+    pipeline = Pipeline([qpass.registry.make_pass("fuse-layernorm"), ReparameterizeLayerNormPass()],
+                        context={"calibration": demo_calibration(proto, 4)})
+    stats = pipeline.run(model).stats[1]
+    assert not stats.modified
+    assert stats.skipped == {"post-LN: the LayerNorm output also feeds non-Linear nodes": 1}
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_repq_recipe_beats_plain_uniform_at_low_bits(bits):
+    proto = demo_vit()
+    cal, ev = demo_calibration(proto, 16), demo_calibration(proto, 4, seed=9)
+    ref_model = qpass.load_model(proto)
+    ref = np.concatenate([run_model(ref_model, e)["embedding"].ravel() for e in ev])
+    sq = {}
+    for recipe in (f"w{bits}a{bits}", f"repq-w{bits}a{bits}"):
+        model = qpass.quantize(proto, cal, recipe=recipe, report=False).model
+        sq[recipe] = sqnr_db(ref, np.concatenate([run_model(model, e)["embedding"].ravel() for e in ev]))
+    assert sq[f"repq-w{bits}a{bits}"] > sq[f"w{bits}a{bits}"] + 1.5, sq
