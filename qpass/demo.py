@@ -154,9 +154,12 @@ def demo_transformer(seed: int = 0, hidden: int = 64, heads: int = 4, ffn: int =
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo")
 
 
-def demo_vit(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, tokens: int = 17) -> onnx.ModelProto:
+def demo_vit(
+    seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, tokens: int = 17, sharpness: float = 1.0
+) -> onnx.ModelProto:
     """Pre-LN ViT blocks (LayerNormalization -> attention / MLP, residual adds) with outlier
-    channels in the LayerNorm gammas, as trained ViTs have. Input [N, tokens, hidden]."""
+    channels in the LayerNorm gammas, as trained ViTs have. Input [N, tokens, hidden].
+    ``sharpness`` scales the q/k weights: > 1 gives peaked attention rows like trained models."""
     rng = np.random.default_rng(seed)
     dh, ffn = hidden // heads, hidden * 4
     inits: list = [
@@ -173,7 +176,8 @@ def demo_vit(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, t
             inits += [_init(f"{p}.{ln}.weight", gamma), _init(f"{p}.{ln}.bias", rng.normal(0, 0.5, hidden).astype(np.float32))]
         lin = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "proj": (hidden, hidden), "fc1": (hidden, ffn), "fc2": (ffn, hidden)}
         for name, (a, b) in lin.items():
-            inits += [_init(f"{p}.{name}.weight", (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)),
+            gain = sharpness if name in ("q", "k") else 1.0
+            inits += [_init(f"{p}.{name}.weight", (gain * rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)),
                       _init(f"{p}.{name}.bias", rng.normal(0, 0.02, b).astype(np.float32))]
 
         def linear(inp, name, out):
