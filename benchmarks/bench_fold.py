@@ -60,7 +60,8 @@ print(json.dumps({"seconds": seconds, "peak_mb": (peak - base) / 1024, "stats": 
 
 
 def run_case(tool: str, src: Path, dst: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True)
+    # onnxruntime's tools leave temporary files in the working directory: run in the output folder
+    proc = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True, cwd=dst.parent)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
