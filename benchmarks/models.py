@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(__file__).resolve().parent / "out"
 
 
 def minilm_dir() -> Path:
