@@ -1,0 +1,452 @@
+"""Lower a quantized ``onnx_ir.Model`` to a torch program (the CUDA backend).
+
+Quantized islands — ``DQ(Q(x)) -> MatMul | Gemm | Conv <- DQ(int8 weight)`` — become integer
+GEMMs: the activation is quantized with the Q's scale and zero-point (round half to even),
+multiplied with the int8 weight (stored once, transposed to [N, K] as the kernels read it)
+with int32 accumulation, and dequantized in the epilogue ``acc * s_x * s_w + bias``. An
+unsigned activation (zero-point z) is shifted to int8 (``q - 128``) and corrected by
+``(128 - z) * colsum(W)``. Convs go through im2col (``unfold``). On a GPU the GEMM is the
+Triton kernel of ``qpass.backends.cuda.kernels``; elsewhere an exact int32 CPU reference,
+so the lowering is tested without a GPU. Every other op maps to torch one by one; an op
+without a mapping is a one-line :class:`~qpass.errors.PipelineError` naming it.
+Model-local functions (``ai.qpass`` log quantizers) are run from their bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.errors import PipelineError
+
+__all__ = ["lower", "LoweredProgram", "QuantizedLinear"]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover
+        raise PipelineError("the CUDA backend needs torch: pip install 'qpass[torch]'") from e
+    return torch
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant":
+        return node.attributes["value"].as_tensor().numpy()
+    return None
+
+
+@dataclasses.dataclass
+class QuantizedLinear:
+    """One integer GEMM island: y = dequant(quant(x) @ Wq) (+ bias), x in float."""
+
+    x_scale: float
+    x_zero: int
+    x_unsigned: bool
+    w_t: Any  # torch int8 [N, K]
+    w_scale: Any  # torch float32 [N] or [1]
+    col_sum: Any  # torch int32 [N]: sum_k Wq[n, k] (zero-point correction)
+    bias: Any | None  # torch float32 [N]
+
+    def __call__(self, x2d):
+        torch = _torch()
+        q = torch.round(x2d.float() / self.x_scale) + self.x_zero  # round half to even, as ONNX
+        lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
+        q = q.clamp(lo, hi)
+        shift = 128 if self.x_unsigned else 0
+        a = (q - shift).to(torch.int8)
+        acc = _int8_gemm(a, self.w_t)
+        correction = shift - self.x_zero
+        if correction:
+            acc = acc + correction * self.col_sum
+        y = acc.float() * (self.x_scale * self.w_scale)
+        return y + self.bias if self.bias is not None else y
+
+
+def _int8_gemm(a, w_t):
+    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N]."""
+    torch = _torch()
+    if a.is_cuda:
+        try:
+            from qpass.backends.cuda.kernels import int8_gemm
+
+            return int8_gemm(a, w_t, out_dtype=torch.int32)
+        except (ImportError, TypeError):
+            if a.shape[0] > 16:
+                return torch._int_mm(a, w_t.t())
+            return (a.float() @ w_t.t().float()).to(torch.int32)  # exact below 2^24
+    return a.to(torch.int32) @ w_t.t().to(torch.int32)
+
+
+class LoweredProgram:
+    """A callable torch program for a quantized ONNX model. ``program(**inputs)`` -> dict of outputs."""
+
+    def __init__(self, model: ir.Model, device: str = "cpu"):
+        torch = _torch()
+        self.device = torch.device(device)
+        self.model = model
+        self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
+        self.output_names = [v.name for v in model.graph.outputs]
+        self.constants: dict[str, Any] = {}
+        for name, value in model.graph.initializers.items():
+            if value.const_value is not None:
+                self.constants[name] = _to_torch(value.const_value.numpy(), self.device)
+        self.islands: dict[int, QuantizedLinear] = {}
+        self.functions = {(f.domain, f.name): f for f in model.functions.values()}
+        for node in model.graph:
+            island = _match_island(node, self.device)
+            if island is not None:
+                self.islands[id(node)] = island
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
+                raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
+            if node.domain in ("", "ai.onnx") and node.op_type not in _OPS:
+                raise PipelineError(f"the CUDA backend has no lowering for op '{node.op_type}' (node '{node.name}'): keep it out of the model or use the onnxruntime backend")
+
+    @property
+    def quantized_layers(self) -> int:
+        return len(self.islands)
+
+    def __call__(self, **inputs) -> dict[str, Any]:
+        torch = _torch()
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise PipelineError(f"missing model input '{missing[0]}' (inputs: {', '.join(self.input_names)})")
+        env = dict(self.constants)
+        for name in self.input_names:
+            value = inputs[name]
+            env[name] = value.to(self.device) if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value), self.device)
+        with torch.no_grad():
+            self._run_graph(self.model.graph.__iter__(), env, top=True)
+        return {name: env[name] for name in self.output_names}
+
+    def _run_graph(self, nodes, env: dict, top: bool = False) -> None:
+        for node in nodes:
+            if top and id(node) in self.islands:
+                env[node.outputs[0].name] = _run_island(node, self.islands[id(node)], env)
+                continue
+            args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
+            if (node.domain, node.op_type) in self.functions:
+                outs = self._run_function(self.functions[(node.domain, node.op_type)], args)
+            else:
+                outs = _OPS[node.op_type](node, *args)
+            if not isinstance(outs, tuple):
+                outs = (outs,)
+            for value, out in zip(node.outputs, outs):
+                env[value.name] = out
+
+    def _run_function(self, function: ir.Function, args):
+        env = {v.name: a for v, a in zip(function.inputs, args)}
+        self._run_graph(iter(function), env)
+        return tuple(env[v.name] for v in function.outputs)
+
+
+def lower(model: ir.Model, device: str | None = None) -> LoweredProgram:
+    """Lower ``model`` for ``device`` ("cuda" when available, else "cpu")."""
+    torch = _torch()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("no CUDA GPU is available: lower with device='cpu' (reference kernels) or run on a GPU machine")
+    return LoweredProgram(model, device)
+
+
+def _to_torch(array: np.ndarray, device):
+    torch = _torch()
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array.astype(np.int16)).to(device)  # uint8 math would wrap
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
+
+
+def _dq_params(node: ir.Node | None):
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    data, scale = _const(node.inputs[0]), _const(node.inputs[1])
+    zero = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return data, scale, zero
+
+
+def _match_island(node: ir.Node, device) -> QuantizedLinear | None:
+    torch = _torch()
+    if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+        return None
+    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0):
+        return None
+    if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
+        return None
+    x_dq, w_dq = node.inputs[0].producer(), node.inputs[1].producer()
+    if x_dq is None or x_dq.op_type != "DequantizeLinear" or x_dq.inputs[0].producer() is None or x_dq.inputs[0].producer().op_type != "QuantizeLinear":
+        return None
+    w = _dq_params(w_dq)
+    x_scale, x_zero = _const(x_dq.inputs[1]), _const(x_dq.inputs[2]) if len(x_dq.inputs) > 2 else None
+    if w is None or w[0] is None or w[0].dtype != np.int8 or x_scale is None or x_scale.size != 1:
+        return None
+    wq, w_scale, _ = w
+    if node.op_type == "MatMul":
+        if wq.ndim != 2:
+            return None
+        w_t = wq.T  # [N, K]
+    elif node.op_type == "Gemm":
+        w_t = wq if node.attributes.get_int("transB", 0) else wq.T
+    else:
+        w_t = wq.reshape(wq.shape[0], -1)  # [C_out, C_in*kh*kw]
+    bias = None
+    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = _dq_params(node.inputs[2].producer())
+        if b is not None and b[0] is not None:
+            bias = b[0].astype(np.float64) * b[1].astype(np.float64)
+        else:
+            bias = _const(node.inputs[2])
+            if bias is None:
+                return None
+        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+            return None
+    unsigned = x_zero is not None and x_zero.dtype == np.uint8
+    return QuantizedLinear(
+        x_scale=float(x_scale.reshape(())),
+        x_zero=int(x_zero.reshape(())) if x_zero is not None else 0,
+        x_unsigned=unsigned,
+        w_t=torch.from_numpy(np.ascontiguousarray(w_t)).to(device),
+        w_scale=torch.from_numpy(w_scale.astype(np.float32).reshape(-1)).to(device),
+        col_sum=torch.from_numpy(w_t.astype(np.int32).sum(axis=1)).to(device),
+        bias=torch.from_numpy(bias.astype(np.float32).reshape(-1)).to(device) if bias is not None else None,
+    )
+
+
+def _run_island(node: ir.Node, island: QuantizedLinear, env: dict):
+    torch = _torch()
+    x_dq = node.inputs[0].producer()
+    x = env[x_dq.inputs[0].producer().inputs[0].name]  # the float tensor before Q
+    if node.op_type == "Conv":
+        return _conv_island(node, island, x)
+    lead = x.shape[:-1]
+    y = island(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _conv_island(node: ir.Node, island: QuantizedLinear, x):
+    torch = _torch()
+    w_shape = node.inputs[1].producer().inputs[0].const_value.shape
+    kernel = tuple(w_shape[2:])
+    strides = tuple(node.attributes.get_ints("strides", [1] * len(kernel)))
+    dil = tuple(node.attributes.get_ints("dilations", [1] * len(kernel)))
+    pads = node.attributes.get_ints("pads", [0] * 2 * len(kernel))
+    if len(kernel) != 2 or pads[0] != pads[2] or pads[1] != pads[3] or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+        raise PipelineError(f"the CUDA backend lowers 2-D Convs with symmetric explicit pads only (node '{node.name}')")
+    n, _, h, w = x.shape
+    # quantize before unfolding so padded zeros are the zero-point, as ONNX QLinearConv does
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dil, padding=(pads[0], pads[1]), stride=strides)
+    out_h = (h + 2 * pads[0] - dil[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    out_w = (w + 2 * pads[1] - dil[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    y = island(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+    return y.reshape(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
+
+
+# ---- op-by-op lowering of everything else -------------------------------------------------
+
+
+def _attr(node, name, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _q(node, x, scale, zero=None):
+    torch = _torch()
+    lo, hi = (0, 255) if zero is not None and node.inputs[2].dtype == ir.DataType.UINT8 else (-128, 127)
+    axis = _attr(node, "axis", 1)
+    shape = _bshape(x, scale, axis)
+    z = zero.reshape(shape).float() if zero is not None else 0.0
+    return (torch.round(x / scale.reshape(shape)) + z).clamp(lo, hi)
+
+
+def _dq(node, x, scale, zero=None):
+    axis = _attr(node, "axis", 1)
+    shape = _bshape(x, scale, axis)
+    z = zero.reshape(shape).float() if zero is not None else 0.0
+    return (x.float() - z) * scale.reshape(shape).float()
+
+
+def _bshape(x, scale, axis):
+    if scale.numel() == 1:
+        return ()
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return shape
+
+
+def _reduce(fn):
+    def run(node, x, axes=None):
+        axes_list = _attr(node, "axes") if axes is None else axes.tolist()
+        keep = bool(_attr(node, "keepdims", 1))
+        if axes_list is None:
+            axes_list = list(range(x.dim()))
+        return fn(x, dim=tuple(axes_list), keepdim=keep)
+    return run
+
+
+def _reshape(node, x, shape):
+    target = [int(d) for d in shape.tolist()]
+    target = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _slice(node, x, starts, ends, axes=None, steps=None):
+    index = [slice(None)] * x.dim()
+    axes = axes.tolist() if axes is not None else list(range(len(starts)))
+    steps = steps.tolist() if steps is not None else [1] * len(axes)
+    for a, s, e, st in zip(axes, starts.tolist(), ends.tolist(), steps):
+        size = x.shape[a]
+        s, e = max(min(s, size), -size), max(min(e, size), -size - 1)
+        index[a] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+def _gemm(node, a, b, c=None):
+    torch = _torch()
+    a = a.t() if _attr(node, "transA", 0) else a
+    b = b.t() if _attr(node, "transB", 0) else b
+    y = _attr(node, "alpha", 1.0) * (a.float() @ b.float())
+    return y + _attr(node, "beta", 1.0) * c if c is not None else y
+
+
+def _conv(node, x, w, b=None):
+    torch = _torch()
+    pads = _attr(node, "pads", [0, 0, 0, 0])
+    return torch.nn.functional.conv2d(
+        x, w.float(), b, stride=_attr(node, "strides", [1, 1]), padding=(pads[0], pads[1]),
+        dilation=_attr(node, "dilations", [1, 1]), groups=_attr(node, "group", 1),
+    )
+
+
+def _layernorm(node, x, scale, bias=None):
+    torch = _torch()
+    axis = _attr(node, "axis", -1) % x.dim()
+    return torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, eps=_attr(node, "epsilon", 1e-5))
+
+
+def _gelu(node, x):
+    torch = _torch()
+    return torch.nn.functional.gelu(x, approximate="tanh" if _attr(node, "approximate", "none") == "tanh" else "none")
+
+
+def _cast(node, x):
+    torch = _torch()
+    to = ir.DataType(_attr(node, "to"))
+    return x.to(getattr(torch, {"FLOAT": "float32", "FLOAT16": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool", "DOUBLE": "float64"}[to.name]))
+
+
+def _constant(node):
+    return _to_torch(node.attributes["value"].as_tensor().numpy(), "cpu")
+
+
+def _maxpool(node, x):
+    torch = _torch()
+    pads = _attr(node, "pads", [0, 0, 0, 0])
+    return torch.nn.functional.max_pool2d(x, _attr(node, "kernel_shape"), _attr(node, "strides", None), (pads[0], pads[1]))
+
+
+def _avgpool(node, x):
+    torch = _torch()
+    pads = _attr(node, "pads", [0, 0, 0, 0])
+    return torch.nn.functional.avg_pool2d(x, _attr(node, "kernel_shape"), _attr(node, "strides", None), (pads[0], pads[1]), count_include_pad=bool(_attr(node, "count_include_pad", 0)))
+
+
+def _clip(node, x, lo=None, hi=None):
+    return x.clamp(min=lo.item() if lo is not None else None, max=hi.item() if hi is not None else None)
+
+
+def _softmax(node, x):
+    return x.softmax(dim=_attr(node, "axis", -1))
+
+
+def _t():
+    return _torch()
+
+
+_OPS: Mapping[str, Callable[..., Any]] = {
+    "QuantizeLinear": _q,
+    "DequantizeLinear": _dq,
+    "MatMul": lambda n, a, b: a.float() @ b.float(),
+    "Gemm": _gemm,
+    "Conv": _conv,
+    "Add": lambda n, a, b: a + b,
+    "Sub": lambda n, a, b: a - b,
+    "Mul": lambda n, a, b: a * b,
+    "Div": lambda n, a, b: a / b if a.is_floating_point() else _t().div(a, b, rounding_mode="trunc"),
+    "Pow": lambda n, a, b: _t().pow(a, b),
+    "Sqrt": lambda n, x: x.sqrt(),
+    "Exp": lambda n, x: x.exp(),
+    "Log": lambda n, x: x.log(),
+    "Erf": lambda n, x: _t().erf(x),
+    "Tanh": lambda n, x: x.tanh(),
+    "Sigmoid": lambda n, x: x.sigmoid(),
+    "Relu": lambda n, x: x.relu(),
+    "Neg": lambda n, x: -x,
+    "Abs": lambda n, x: x.abs(),
+    "Reciprocal": lambda n, x: x.reciprocal(),
+    "Round": lambda n, x: _t().round(x),
+    "Max": lambda n, *xs: _reduce_pairs(_t().maximum, xs),
+    "Min": lambda n, *xs: _reduce_pairs(_t().minimum, xs),
+    "Sum": lambda n, *xs: _reduce_pairs(lambda a, b: a + b, xs),
+    "Where": lambda n, c, a, b: _t().where(c.bool(), a, b),
+    "Equal": lambda n, a, b: a == b,
+    "Less": lambda n, a, b: a < b,
+    "Greater": lambda n, a, b: a > b,
+    "GreaterOrEqual": lambda n, a, b: a >= b,
+    "Not": lambda n, x: ~x.bool(),
+    "IsNaN": lambda n, x: _t().isnan(x),
+    "Clip": _clip,
+    "Softmax": _softmax,
+    "LayerNormalization": _layernorm,
+    "Gelu": _gelu,
+    "ReduceMean": _reduce(lambda x, dim, keepdim: x.mean(dim=dim, keepdim=keepdim)),
+    "ReduceSum": _reduce(lambda x, dim, keepdim: x.sum(dim=dim, keepdim=keepdim)),
+    "ReduceMax": _reduce(lambda x, dim, keepdim: x.amax(dim=dim, keepdim=keepdim)),
+    "Reshape": _reshape,
+    "Flatten": lambda n, x: x.reshape(int(np.prod(x.shape[: _attr(n, "axis", 1)])), -1),
+    "Transpose": lambda n, x: x.permute(*(_attr(n, "perm") or list(range(x.dim()))[::-1])),
+    "Unsqueeze": lambda n, x, axes=None: _unsqueeze(x, axes.tolist() if axes is not None else _attr(n, "axes")),
+    "Squeeze": lambda n, x, axes=None: x.squeeze(tuple(axes.tolist())) if axes is not None else x.squeeze(),
+    "Concat": lambda n, *xs: _t().cat(xs, dim=_attr(n, "axis")),
+    "Gather": lambda n, x, i: _t().index_select(x, _attr(n, "axis", 0) % x.dim(), i.reshape(-1).long()).reshape(
+        *x.shape[: _attr(n, "axis", 0) % x.dim()], *i.shape, *x.shape[_attr(n, "axis", 0) % x.dim() + 1:]),
+    "Slice": _slice,
+    "Shape": lambda n, x: _t().tensor(list(x.shape), dtype=_t().int64),
+    "Cast": _cast,
+    "Identity": lambda n, x: x,
+    "Constant": _constant,
+    "Expand": lambda n, x, s: x * _t().ones(s.tolist(), dtype=x.dtype, device=x.device) if x.dtype != _t().bool else x.expand(*s.tolist()),
+    "Range": lambda n, a, b, d: _t().arange(a.item(), b.item(), d.item()),
+    "ConstantOfShape": lambda n, s: _t().full(s.tolist(), float(n.attributes["value"].as_tensor().numpy().reshape(-1)[0]) if "value" in n.attributes else 0.0),
+    "MaxPool": _maxpool,
+    "AveragePool": _avgpool,
+    "GlobalAveragePool": lambda n, x: x.mean(dim=(2, 3), keepdim=True),
+    "Dropout": lambda n, x, *rest: x,
+    "BatchNormalization": lambda n, x, g, b, m, v: _t().nn.functional.batch_norm(x, m, v, g, b, False, 0.0, _attr(n, "epsilon", 1e-5)),
+}
+
+
+def _unsqueeze(x, axes):
+    for a in sorted(a % (x.dim() + len(axes)) for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _reduce_pairs(fn, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out

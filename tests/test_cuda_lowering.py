@@ -1,0 +1,71 @@
+"""The CUDA backend's lowering, tested on the CPU with the exact integer reference kernels."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import qpass
+from qpass.backends.cuda.lower import QuantizedLinear, lower
+from qpass.demo import demo_calibration, demo_cnn, demo_transformer, demo_vit
+from qpass.verify import run_model
+
+
+@pytest.mark.parametrize("builder,recipe,islands", [
+    (demo_cnn, "w8a8", 4),
+    (demo_transformer, "w8a8", 6),
+    (demo_transformer, "smoothquant-w8a8", 6),
+    (demo_vit, "repq-w4a4", 12),  # ai.qpass log-sqrt2 functions run from their bodies
+])
+def test_lowered_program_matches_onnxruntime(builder, recipe, islands):
+    proto = builder()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), recipe=recipe, report=False).model
+    program = lower(model, "cpu")
+    assert program.quantized_layers == islands
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, expected in ref.items():
+            # same integer products; only float epilogue rounding order differs
+            np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=2e-6 * np.abs(expected).max() + 1e-6)
+
+
+def test_integer_island_is_exact():
+    rng = np.random.default_rng(0)
+    w_t = rng.integers(-127, 128, (5, 7)).astype(np.int8)
+    island = QuantizedLinear(0.05, 128, True, torch.from_numpy(w_t), torch.tensor([0.01]), torch.from_numpy(w_t.astype(np.int32).sum(1)), None)
+    x = rng.uniform(-6, 6, (4, 7)).astype(np.float32)
+    q = np.clip(np.round(x / np.float32(0.05)) + 128, 0, 255).astype(np.int64)
+    acc = (q - 128) @ w_t.T.astype(np.int64)
+    expected = acc.astype(np.float32) * np.float32(0.05 * 0.01)
+    got = island(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_round_half_to_even_like_onnx():
+    island = QuantizedLinear(1.0, 0, False, torch.ones((1, 4), dtype=torch.int8), torch.tensor([1.0]), torch.tensor([4]), None)
+    out = island(torch.tensor([[0.5, 1.5, 2.5, -0.5]]))
+    assert out.item() == 0 + 2 + 2 + 0
+
+
+def test_unsupported_op_and_missing_input_and_no_gpu():
+    model = qpass.load_model(demo_cnn())
+    model.graph.node("relu1").op_type = "Selu"
+    with pytest.raises(qpass.PipelineError, match="no lowering for op 'Selu'"):
+        lower(model, "cpu")
+    program = lower(qpass.load_model(demo_cnn()), "cpu")
+    with pytest.raises(qpass.PipelineError, match="missing model input 'input'"):
+        program()
+    if not torch.cuda.is_available():
+        with pytest.raises(qpass.PipelineError, match="no CUDA GPU"):
+            lower(qpass.load_model(demo_cnn()), "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_program_matches_cpu_reference():
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    feeds = {k: torch.from_numpy(v) for k, v in demo_calibration(proto, 1, seed=5)[0].items()}
+    cpu = lower(model, "cpu")(**feeds)["output"]
+    gpu = lower(model, "cuda")(**feeds)["output"].cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
