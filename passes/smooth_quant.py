@@ -13,7 +13,8 @@ Preserves: the float function (verified). Counted: LayerNorms feeding no Linear,
 Needs:     ``ActivationSamples`` (calibration data) for max|X_j| and the alpha search.
 Options:   alpha: a fixed value in [0, 1], or None (default) to search 0.0..1.0 step 0.1 per
            group for the least MSE between the float and the W8A8 fake-quantized outputs of
-           the group's Linears on calibration rows. ALGORITHMS.md §1.
+           the group's Linears on calibration rows; a group that no alpha improves over no
+           smoothing is left alone (counted). ALGORITHMS.md §1.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class SmoothQuantPass(Pass):
             w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
             a_absmax = stats.absmax[out.name]
             alpha = self.alpha if self.alpha is not None else self._search(stats.rows[out.name], weights, a_absmax, w_absmax)
+            if alpha is None:  # smoothing would not reduce this group's error: leave it
+                report.skipped["smoothing does not help this group"] += 1
+                continue
             s = smoothing_factors(a_absmax, w_absmax, alpha)
             for node, w, transposed in linears:
                 scaled = w.const_value.numpy().astype(np.float64) * (s[None, :] if transposed else s[:, None])
@@ -130,10 +134,15 @@ class SmoothQuantPass(Pass):
         return report
 
     @staticmethod
-    def _search(rows: np.ndarray, weights, a_absmax, w_absmax) -> float:
+    def _search(rows: np.ndarray, weights, a_absmax, w_absmax) -> float | None:
+        """The alpha with the least W8A8 output error, or None when no smoothing is best."""
         x = rows.astype(np.float64)
-        errors = [(_w8a8_error(x, weights, smoothing_factors(a_absmax, w_absmax, a)), a) for a in np.round(np.arange(0, 1.01, 0.1), 2)]
-        return float(min(errors)[1])
+        best_error, best = _w8a8_error(x, weights, np.ones_like(a_absmax, dtype=np.float64)), None
+        for a in np.round(np.arange(0, 1.01, 0.1), 2):
+            error = _w8a8_error(x, weights, smoothing_factors(a_absmax, w_absmax, a))
+            if error < best_error:
+                best_error, best = error, float(a)
+        return best
 
     @staticmethod
     def _fold_into_layernorm(graph: ir.Graph, ln: ir.Node, s: np.ndarray) -> None:
