@@ -24,7 +24,7 @@ from qpass.graph_utils import (
     other_input,
     reduce_axes,
     replace_subgraph,
-    unique_name,
+    add_initializer,
 )
 from qpass.model_io import opset_of
 from qpass.pass_base import Pass, PassReport
@@ -130,10 +130,8 @@ class FuseLayerNormPass(Pass):
             scale = np.broadcast_to(gamma if gamma is not None else 1.0, (channels,)).astype(dtype)
             bias = np.broadcast_to(beta if beta is not None else 0.0, (channels,)).astype(dtype)
             base = nodes[0].name or out.name
-            s = ir.Value(name=unique_name(graph, f"{base}_scale"), const_value=ir.tensor(np.ascontiguousarray(scale)))
-            b = ir.Value(name=unique_name(graph, f"{base}_bias"), const_value=ir.tensor(np.ascontiguousarray(bias)))
-            graph.register_initializer(s)
-            graph.register_initializer(b)
+            s = add_initializer(graph, f"{base}_scale", scale)
+            b = add_initializer(graph, f"{base}_bias", bias)
             ln = ir.node("LayerNormalization", [x, s, b], {"axis": -1, "epsilon": float(eps)}, name=f"{base}_layernorm")
             ln.outputs[0].dtype, ln.outputs[0].shape = out.dtype or x.dtype, out.shape
             replace_subgraph(graph, nodes, [ln], out, ln.outputs[0])

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.calibration import Calibration, annotated_activations
-from qpass.graph_utils import unique_name
+from qpass.graph_utils import add_initializer, unique_name
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import SPEC_KEY, QuantSpec, qparams_from_range
 
@@ -149,19 +149,11 @@ class InsertQDQPass(Pass):
             node.replace_input_with(2, bias_dq)
         return dq
 
-    @staticmethod
-    def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-        tensor = ir.tensor(array, dtype=dtype) if dtype is not None else ir.tensor(array)
-        value = ir.Value(name=unique_name(graph, name), const_value=tensor)
-        value.shape, value.dtype = tensor.shape, tensor.dtype
-        graph.register_initializer(value)
-        return value
-
     def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis) -> ir.Value:
         ir_dtype = _IR_DTYPES[dtype_name] if dtype_name else None
-        q_init = self._initializer(graph, f"{value.name}_quantized", q, ir_dtype)
-        s_init = self._initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()))
-        z_init = self._initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype)
+        q_init = add_initializer(graph, f"{value.name}_quantized", q, ir_dtype)
+        s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()))
+        z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype)
         attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node("DequantizeLinear", [q_init, s_init, z_init], attrs, name=f"{value.name}_DequantizeLinear")
         out = dq.outputs[0]
@@ -171,15 +163,15 @@ class InsertQDQPass(Pass):
 
     def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> None:
         ir_dtype = _IR_DTYPES[spec.dtype]
-        s_init = self._initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()))
-        z_init = self._initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype)
+        s_init = add_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()))
+        z_init = add_initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype)
         users = [(u.node, u.idx) for u in value.uses()]
         source, extra = value, []
         if spec.restricted:  # fewer levels than the storage type: clip to the representable range first
             lo = float(np.float32(scale) * (spec.qmin - int(zero)))
             hi = float(np.float32(scale) * (spec.qmax - int(zero)))
-            lo_v = self._initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32))
-            hi_v = self._initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32))
+            lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32))
+            hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32))
             clip = ir.node("Clip", [value, lo_v, hi_v], name=f"{value.name}_Clip")
             clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped"), value.dtype, value.shape
             source, extra = clip.outputs[0], [clip]

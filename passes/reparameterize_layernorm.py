@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import const_array, unique_name
+from qpass.graph_utils import add_initializer, const_array, unique_name
 from qpass.pass_base import Pass, PassReport
 
 __all__ = ["ReparameterizeLayerNormPass", "repq_ratios"]
@@ -35,13 +35,6 @@ def repq_ratios(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, 
     r1 = s / s.mean()
     r2 = z - np.round(z.mean())
     return s, r1, r2
-
-
-def _new_init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array)))
-    value.shape, value.dtype = value.const_value.shape, value.const_value.dtype
-    graph.register_initializer(value)
-    return value
 
 
 @dataclasses.dataclass
@@ -83,8 +76,8 @@ class ReparameterizeLayerNormPass(Pass):
             gamma = ln.inputs[1].const_value.numpy().astype(np.float64)
             beta = ln.inputs[2].const_value.numpy().astype(np.float64) if len(ln.inputs) > 2 and ln.inputs[2] is not None else np.zeros_like(gamma)
             dtype = ln.inputs[1].const_value.numpy().dtype
-            new_gamma = _new_init(graph, f"{ln.inputs[1].name}_repq", (gamma / r1).astype(dtype))
-            new_beta = _new_init(graph, f"{ln.name or name}_bias_repq", ((beta + s * r2) / r1).astype(dtype))
+            new_gamma = add_initializer(graph, f"{ln.inputs[1].name}_repq", (gamma / r1).astype(dtype))
+            new_beta = add_initializer(graph, f"{ln.name or name}_bias_repq", ((beta + s * r2) / r1).astype(dtype))
             ln.replace_input_with(1, new_gamma)
             if len(ln.inputs) > 2:
                 ln.replace_input_with(2, new_beta)
@@ -93,7 +86,7 @@ class ReparameterizeLayerNormPass(Pass):
                 ln.replace_input_with(2, new_beta)
             for node in linears:
                 w = node.inputs[1].const_value.numpy().astype(np.float64)
-                node.replace_input_with(1, _new_init(graph, f"{node.inputs[1].name}_repq", (w * r1[:, None]).astype(dtype)))
+                node.replace_input_with(1, add_initializer(graph, f"{node.inputs[1].name}_repq", (w * r1[:, None]).astype(dtype)))
                 self._add_bias(graph, node, -(s * r2) @ w, dtype)
             spreads[ln.name or name] = round(float(r1.max() / r1.min()), 3)
             report.rewritten += 1
@@ -112,9 +105,9 @@ class ReparameterizeLayerNormPass(Pass):
             other_index = 1 - uses[0].idx
             bias = const_array(add.inputs[other_index])
             if bias is not None and bias.shape[-1:] == delta.shape:
-                add.replace_input_with(other_index, _new_init(graph, f"{add.inputs[other_index].name}_repq", (bias + delta).astype(dtype)))
+                add.replace_input_with(other_index, add_initializer(graph, f"{add.inputs[other_index].name}_repq", (bias + delta).astype(dtype)))
                 return
-        value = _new_init(graph, f"{node.name or out.name}_repq_bias", delta.astype(dtype))
+        value = add_initializer(graph, f"{node.name or out.name}_repq_bias", delta.astype(dtype))
         add = ir.node("Add", [out, value], name=f"{node.name or out.name}_repq_bias_add")
         add.outputs[0].name = unique_name(graph, f"{out.name}_repq")
         add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import unique_name
+from qpass.graph_utils import add_initializer, unique_name
 from qpass.pass_base import Pass, PassReport
 
 __all__ = ["SmoothQuantPass", "smoothing_factors"]
@@ -117,10 +117,7 @@ class SmoothQuantPass(Pass):
             s = smoothing_factors(a_absmax, w_absmax, alpha)
             for node, w, transposed in linears:
                 scaled = w.const_value.numpy().astype(np.float64) * (s[None, :] if transposed else s[:, None])
-                new = ir.Value(name=unique_name(graph, f"{w.name}_smoothed"), const_value=ir.tensor(scaled.astype(w.const_value.numpy().dtype)))
-                new.shape, new.dtype = new.const_value.shape, new.const_value.dtype
-                graph.register_initializer(new)
-                node.replace_input_with(1, new)
+                node.replace_input_with(1, add_initializer(graph, f"{w.name}_smoothed", scaled.astype(w.const_value.numpy().dtype)))
             only_linears = len(out.uses()) == len(linears) and not out.is_graph_output()
             if only_linears:
                 self._fold_into_layernorm(graph, ln, s)
@@ -150,17 +147,12 @@ class SmoothQuantPass(Pass):
             if index < len(ln.inputs) and ln.inputs[index] is not None:
                 old = ln.inputs[index]
                 array = old.const_value.numpy()
-                new = ir.Value(name=unique_name(graph, f"{old.name}_smoothed"), const_value=ir.tensor((array / s).astype(array.dtype)))
-                new.shape, new.dtype = new.const_value.shape, new.const_value.dtype
-                graph.register_initializer(new)
-                ln.replace_input_with(index, new)
+                ln.replace_input_with(index, add_initializer(graph, f"{old.name}_smoothed", (array / s).astype(array.dtype)))
 
     @staticmethod
     def _insert_mul(graph: ir.Graph, ln: ir.Node, consumers: list[ir.Node], s: np.ndarray) -> None:
         out = ln.outputs[0]
-        inv = ir.Value(name=unique_name(graph, f"{out.name}_smooth_scale"), const_value=ir.tensor((1.0 / s).astype(np.float32)))
-        inv.shape, inv.dtype = inv.const_value.shape, inv.const_value.dtype
-        graph.register_initializer(inv)
+        inv = add_initializer(graph, f"{out.name}_smooth_scale", (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [out, inv], name=f"{ln.name or out.name}_smooth")
         mul.outputs[0].name = unique_name(graph, f"{out.name}_smoothed")
         mul.outputs[0].dtype, mul.outputs[0].shape = out.dtype, out.shape

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph_utils import unique_name
+from qpass.graph_utils import add_initializer, unique_name
 from qpass.pass_base import Pass, PassReport
 
 __all__ = ["SplitOutlierChannelsPass", "split_channels"]
@@ -105,12 +105,8 @@ class SplitOutlierChannelsPass(Pass):
                 new_weight = new_rows.T
             else:
                 new_weight = new_rows
-            new_w = ir.Value(name=unique_name(graph, f"{w.name}_split"), const_value=ir.tensor(np.ascontiguousarray(new_weight.astype(weight.dtype))))
-            new_w.shape, new_w.dtype = new_w.const_value.shape, new_w.const_value.dtype
-            graph.register_initializer(new_w)
-            index = ir.Value(name=unique_name(graph, f"{node.name or w.name}_split_index"), const_value=ir.tensor(np.array(list(range(k)) + origin, np.int64)))
-            index.shape, index.dtype = index.const_value.shape, index.const_value.dtype
-            graph.register_initializer(index)
+            new_w = add_initializer(graph, f"{w.name}_split", new_weight.astype(weight.dtype))
+            index = add_initializer(graph, f"{node.name or w.name}_split_index", np.array(list(range(k)) + origin, np.int64))
             gather = ir.node("Gather", [x, index], {"axis": x_axis}, name=f"{node.name or w.name}_split_gather")
             gather.outputs[0].name = unique_name(graph, f"{x.name}_split")
             gather.outputs[0].dtype = x.dtype

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import onnx_ir.convenience
 
 __all__ = [
+    "add_initializer",
     "const_array",
     "const_scalar",
     "only_consumer",
@@ -91,3 +92,13 @@ def unique_name(graph: ir.Graph, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name`` (made unique) and return its value."""
+    array = np.asarray(array, order="C")  # keeps 0-d scalars 0-d
+    tensor = ir.tensor(array, dtype=dtype) if dtype is not None else ir.tensor(array)
+    value = ir.Value(name=unique_name(graph, name), const_value=tensor)
+    value.shape, value.dtype = tensor.shape, tensor.dtype
+    graph.register_initializer(value)
+    return value

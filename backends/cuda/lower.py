@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import PipelineError
+from qpass.graph_utils import const_array
 
 __all__ = ["lower", "LoweredProgram", "QuantizedLinear"]
 
@@ -35,15 +36,7 @@ def _torch():
     return torch
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant":
-        return node.attributes["value"].as_tensor().numpy()
-    return None
+_const = const_array
 
 
 @dataclasses.dataclass
