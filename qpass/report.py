@@ -17,7 +17,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
-from qpass.model_io import model_nbytes
 from qpass.verify import sqnr_db
 
 __all__ = ["QuantReport", "LayerError", "build_report"]
@@ -132,4 +131,12 @@ def build_report(
     errors.sort(key=lambda e: e.sqnr_db)
     out_sqnr = {k: sqnr_db(joined(ref, k), joined(got, k)) for k in model_outputs}
     fused = ort_backend.fused_op_census(quant_model) if census else {}
-    return QuantReport(errors, out_sqnr, model_nbytes(float_model), model_nbytes(quant_model), fused, count)
+    return QuantReport(errors, out_sqnr, _used_nbytes(float_model), _used_nbytes(quant_model), fused, count)
+
+
+def _used_nbytes(model: ir.Model) -> int:
+    """Bytes of the initializers the graph reads (rewritten-away originals do not count)."""
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values()
+        if v.const_value is not None and (v.uses() or v.is_graph_output())
+    )
