@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qpass.errors import QpassError
+from qpass.model_io import write_text
 
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, highlight=False)
@@ -182,7 +183,7 @@ def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify,
     result = Pipeline(passes, verify=not no_verify, context=context, probe_feeds=probe).run(ir_model)
     save_model(result.model, output, input_path=model)
     if report_path:
-        Path(report_path).write_text(json.dumps(result.to_dict(), indent=2))
+        write_text(report_path, json.dumps(result.to_dict(), indent=2))
     if not ctx.obj["quiet"]:
         console.print(_stats_table(result, f"{model} -> {output}"))
     verdict = "verified" if result.verified else "not verified"
@@ -252,9 +253,9 @@ def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_chann
     )
     qpass.save_model(result.model, output, input_path=model)
     if report_json:
-        Path(report_json).write_text(result.report.to_json())
+        write_text(report_json, result.report.to_json())
     if report_html:
-        Path(report_html).write_text(result.report.to_html(f"qpass: {Path(model).name}"))
+        write_text(report_html, result.report.to_html(f"qpass: {Path(model).name}"))
     if not ctx.obj["quiet"]:
         console.print(_stats_table(_Stats(result.stats), f"{model} -> {output} (recipe {recipe})"))
         _print_report(result.report)

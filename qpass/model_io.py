@@ -31,6 +31,7 @@ __all__ = [
     "save_model",
     "model_nbytes",
     "opset_of",
+    "write_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -327,6 +328,22 @@ def save_model(
             leftover.unlink()
         if tmp_dir.exists():
             tmp_dir.rmdir()
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temporary file beside it, then rename)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory '{parent}' does not exist: create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     return path
 
 
