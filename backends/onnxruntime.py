@@ -65,7 +65,19 @@ def session_bytes(model: ir.Model, extra_outputs: Sequence[str] = ()) -> tuple[b
     arrays: list[np.ndarray] = []
     with _placeholders(model, names, arrays), _extra_outputs(model, extra_outputs):
         proto = ir.to_proto(model)
+    proto.ir_version = _session_ir_version(proto)
     return proto.SerializeToString(), names, arrays
+
+
+def _session_ir_version(proto) -> int:
+    """The lowest IR version the model's opsets need: newer onnx packages stamp IR versions
+    that older onnxruntime releases refuse ("Unsupported model IR version")."""
+    import onnx
+
+    needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    if proto.functions:
+        needed = max(needed, 8)
+    return min(proto.ir_version, max(needed, 7)) if proto.ir_version else max(needed, 7)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,16 @@ A model (ONNX file, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``torch.nn.Module`
 one ``onnx_ir.Model``; composable, verified passes rewrite it; backends lower it.
 """
 
-from qpass.errors import (
+import os as _os
+
+# In a source checkout, passes/ and backends/ sit beside qpass/ and are mapped to
+# qpass.passes / qpass.backends by the build config; make that mapping hold also when the
+# checkout itself is on sys.path (before an installed or editable copy).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "passes", "__init__.py")):
+    __path__.append(_root)  # type: ignore[name-defined]
+
+from qpass.errors import (  # noqa: E402
     CalibrationError,
     ModelError,
     OutputError,

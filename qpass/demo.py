@@ -71,7 +71,7 @@ def demo_cnn(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="qpass-demo")
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="qpass-demo", ir_version=8)
 
 
 def demo_transformer(seed: int = 0, hidden: int = 64, heads: int = 4, ffn: int = 256, seq: int = 16) -> onnx.ModelProto:
@@ -151,7 +151,7 @@ def demo_transformer(seed: int = 0, hidden: int = 64, heads: int = 4, ffn: int =
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", seq, hidden])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo")
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo", ir_version=9)
 
 
 def demo_vit(
@@ -213,7 +213,7 @@ def demo_vit(
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", tokens, hidden])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo")
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="qpass-demo", ir_version=9)
 
 
 def demo_models() -> dict[str, onnx.ModelProto]:
