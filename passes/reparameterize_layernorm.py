@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import add_initializer, const_array, unique_name
+from qpass.graph_utils import add_initializer, const_array, linear_weight, unique_name
 from qpass.pass_base import Pass, PassReport
 
 __all__ = ["ReparameterizeLayerNormPass", "repq_ratios"]
@@ -53,7 +53,7 @@ class ReparameterizeLayerNormPass(Pass):
                 continue
             out = ln.outputs[0]
             uses = out.uses()
-            linear = [u.node for u in uses if u.node.op_type == "MatMul" and u.idx == 0 and const_array(u.node.inputs[1]) is not None and u.node.inputs[1].const_value.shape.rank() == 2]
+            linear = [u.node for u in uses if u.node.op_type == "MatMul" and linear_weight(u.node, out)]
             if not linear:
                 continue
             if any(n.outputs[0].is_graph_output() for n in linear):

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import add_initializer, unique_name
+from qpass.graph_utils import add_initializer, linear_weight, unique_name
 from qpass.pass_base import Pass, PassReport
 
 __all__ = ["SmoothQuantPass", "smoothing_factors"]
@@ -59,20 +59,6 @@ def _w8a8_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> floa
     return err
 
 
-def _linear_weight(node: ir.Node, value: ir.Value) -> tuple[ir.Value, bool] | None:
-    """(weight value, transposed) when ``node`` is a Linear reading ``value`` as its activation."""
-    if node.domain not in ("", "ai.onnx") or node.inputs[0] is not value or len(node.inputs) < 2:
-        return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or w.const_value.shape.rank() != 2:
-        return None
-    if node.op_type == "MatMul":
-        return w, False
-    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
-        return w, bool(node.attributes.get_int("transB", 0))
-    return None
-
-
 @dataclasses.dataclass
 class SmoothQuantPass(Pass):
     name = "smooth-quant"
@@ -95,7 +81,7 @@ class SmoothQuantPass(Pass):
                 report.skipped["LayerNorm Scale/B not constant"] += 1
                 continue
             out = ln.outputs[0]
-            linears = [(u.node, *lw) for u in out.uses() if u.idx == 0 and (lw := _linear_weight(u.node, out))]
+            linears = [(u.node, *lw) for u in out.uses() if u.idx == 0 and (lw := linear_weight(u.node, out))]
             if not linears:
                 report.skipped["LayerNorm feeds no Linear"] += 1
                 continue

@@ -15,6 +15,7 @@ __all__ = [
     "only_consumer",
     "other_input",
     "is_op",
+    "linear_weight",
     "reduce_axes",
     "replace_subgraph",
     "unique_name",
@@ -102,3 +103,17 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     value.shape, value.dtype = tensor.shape, tensor.dtype
     graph.register_initializer(value)
     return value
+
+
+def linear_weight(node: ir.Node, value: ir.Value) -> tuple[ir.Value, bool] | None:
+    """(weight value, transposed) when ``node`` is a Linear reading ``value`` as its activation."""
+    if node.domain not in ("", "ai.onnx") or node.inputs[0] is not value or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    if w is None or w.const_value is None or w.const_value.shape.rank() != 2:
+        return None
+    if node.op_type == "MatMul":
+        return w, False
+    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
+        return w, bool(node.attributes.get_int("transB", 0))
+    return None
