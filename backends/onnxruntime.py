@@ -154,15 +154,19 @@ INTEGER_OPS = frozenset({
     "QLinearSoftmax", "QLinearConvTranspose", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
     "MatMulNBits", "QAttention", "DynamicQuantizeLSTM",
 })
-FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"})
+FLOAT_COMPUTE_OPS = frozenset({
+    "Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm",
+    "Add", "Mul", "Sigmoid", "Concat", "LeakyRelu", "AveragePool", "GlobalAveragePool",
+})
 
 
 def fused_op_census(model: ir.Model, threads: int | None = None) -> dict:
     """What onnxruntime's optimizer makes of a QDQ model: integer kernels vs float compute ops.
 
     Returns ``{"integer": {op: n}, "float_behind_dq": {op: n}, "float_other": {op: n},
-    "onnxruntime": version}``; ``float_behind_dq`` counts float Conv/MatMul/Gemm still fed by a
-    DequantizeLinear, i.e. quantized layers that did not get an integer kernel.
+    "onnxruntime": version}``; ``float_behind_dq`` counts float compute ops (Conv/MatMul/Gemm and the
+    element-wise ops that have QLinear kernels) still fed by a DequantizeLinear, i.e.
+    quantized layers that did not get an integer kernel.
     """
     import os
     import tempfile

@@ -5,7 +5,13 @@ Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation in
            Gemm; MatMul when ``quantize_matmul_output``) their output — taken after a single
            Relu/Clip, which onnxruntime absorbs. Pooling ops (MaxPool, AveragePool,
            GlobalAveragePool) between quantized tensors get their input and output marked.
-           Excluded: nodes whose name, op type or a ``re.fullmatch`` of ``exclude`` matches.
+           With ``integer_ops`` (default on), ops onnxruntime runs on integers between Q/DQ
+           (Sigmoid, LeakyRelu, Add, Mul, Concat, average pools; data-movement ops share
+           their input's parameters) get their output marked when every activation input is
+           already marked and the output feeds something that runs on integers (so no Q/DQ
+           pair is spent on a tensor that is only read in float: graph outputs and float
+           heads stay float). Excluded: nodes whose name, op type or a ``re.fullmatch`` of
+           ``exclude`` matches.
 Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_spec"]``:
            activations ``activation_dtype`` per tensor (affine unless ``symmetric_activations``,
            observer ``observer``); weights ``weight_dtype`` symmetric narrow-range, per output
@@ -33,6 +39,9 @@ __all__ = ["AnnotateQuantPass", "weight_channel_axis"]
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
+# ops with a QLinear* kernel in onnxruntime (QDQ fusion) or that move data without arithmetic
+_INTEGER_OPS = ("Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
+_DATA_MOVEMENT = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
 
 
 def weight_channel_axis(node: ir.Node) -> int:
@@ -68,6 +77,7 @@ class AnnotateQuantPass(Pass):
     weight_bits: int | None = None
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     quantize_matmul_output: bool = False
+    integer_ops: bool = True
     exclude: tuple[str, ...] = ()
     overrides: dict = dataclasses.field(default_factory=dict)
 
@@ -139,6 +149,44 @@ class AnnotateQuantPass(Pass):
                 if not out.is_graph_output():
                     mark(out, act)
             report.rewritten += 1
+        if self.integer_ops:
+            self._propagate(model, mark, marked, report)
         report.details = dict(marked)
         report.modified = bool(marked)
         return report
+
+    def _propagate(self, model: ir.Model, mark, marked: Counter, report: PassReport) -> None:
+        """Mark outputs of integer-capable ops whose activation inputs are all marked, then
+        unmark those that nothing integer reads (reverse order: consumers decide first)."""
+        quantized = lambda v: v is not None and (v.const_value is not None or SPEC_KEY in v.meta)  # noqa: E731
+
+        def integer_reader(node: ir.Node) -> bool:
+            if node.op_type in self.op_types:
+                return _matches(node, self.exclude) is None
+            return any(o is not None and SPEC_KEY in o.meta for o in node.outputs)
+
+        candidates: list[tuple[ir.Node, ir.Value]] = []
+        for node in model.graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + _DATA_MOVEMENT:
+                continue
+            if _matches(node, self.exclude) is not None:
+                continue
+            data = node.inputs[:1] if node.op_type in _DATA_MOVEMENT else node.inputs
+            if not data or any(v is not None and v.const_value is not None for v in data):
+                continue  # constant operands (x * 0.5) would need their own quantized copy
+            if not all(quantized(v) for v in data if v is not None):
+                continue
+            out = node.outputs[0]
+            follower = out.uses()[0].node if len(out.uses()) == 1 else None
+            if node.op_type in ("Add", "Mul") and follower is not None and follower.op_type in ("Relu", "Clip"):
+                out = follower.outputs[0]
+            if out.is_graph_output() or SPEC_KEY in out.meta or not out.dtype or not out.dtype.is_floating_point():
+                continue
+            out.meta[SPEC_KEY] = self._act_spec(self._options_for(node))
+            candidates.append((node, out))
+        for node, out in reversed(candidates):
+            if not any(integer_reader(u.node) for u in out.uses()):
+                del out.meta[SPEC_KEY]
+            else:
+                marked["activations"] += 1
+                report.rewritten += 1

@@ -9,7 +9,10 @@ ALGORITHMS.md §12.
 - :class:`MovingAverageMinMaxObserver`: per-batch min/max, averaged as
   ``m <- momentum * m + (1 - momentum) * m_batch`` (the first batch sets ``m``).
 - :class:`PercentileObserver`: clips at ``spec.percentile`` of |x| (symmetric) or at the
-  ``(100-p)/2`` and ``100-(100-p)/2`` percentiles (affine), read off the histogram.
+  ``(100-p)/2`` and ``100-(100-p)/2`` percentiles (affine), read off the histogram. (One
+  threshold on |x| for affine specs, onnxruntime's convention, was measured too: +4 dB raw
+  output SQNR on the ddddocr detector but -2.5 points exact text and -2.2 dB on the OCR
+  model over 1600 lines, so each side keeps its own percentile.)
 - :class:`MSEObserver`: tries thresholds ``f * max`` (symmetric) or ``f * (min, max)``
   (affine), f on a grid in (0, 1], and keeps the one whose quantize-dequantize of the bin
   centres, weighted by the counts, has the least squared error (clipping included).
@@ -61,7 +64,9 @@ class Observer:
         self._max: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
-        x = np.asarray(array, dtype=np.float64)
+        x = np.asarray(array)
+        if x.dtype not in (np.float32, np.float64):  # float16/bfloat16 widen exactly; integers to float64
+            x = x.astype(np.float32 if x.dtype.kind == "f" else np.float64)
         if x.size == 0:
             return
         if self.channel_axis is None:
@@ -75,14 +80,15 @@ class Observer:
                     f"channel axis {self.channel_axis} has {len(x)} channels, but this observer has seen "
                     f"{len(self._min)}: feed tensors with the same channel count"
                 )
-        finite = np.isfinite(x)
-        if not finite.all():
+        bmin, bmax = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+        if not (np.isfinite(bmin).all() and np.isfinite(bmax).all()):  # NaN and Inf reach min or max
+            bad = x.size - int(np.isfinite(x).sum())
             raise ValueError(
-                f"calibration data contains NaN/Inf ({x.size - int(finite.sum())} of {x.size} values): "
+                f"calibration data contains NaN/Inf ({bad} of {x.size} values): "
                 "check the model and the calibration inputs"
             )
         self.count += x.size
-        self._observe(x, x.min(axis=1), x.max(axis=1))
+        self._observe(x, bmin, bmax)
 
     def merge(self, other: Observer) -> Observer:
         """A new observer equal to one that saw this observer's data and ``other``'s."""
@@ -220,7 +226,11 @@ class HistogramObserver(Observer):
         super()._observe(x, bmin, bmax)
         self._widen()
         size = 2 * self.max_bins
-        k = np.floor(np.ldexp(x, -self._exp[:, None])).astype(np.int64)
+        if x.dtype == np.float32 and not (-120 < self._exp).all() & (self._exp < 120).all():
+            x = x.astype(np.float64)  # 2^-exp would leave float32's range
+        y = x * np.ldexp(1.0, -self._exp)[:, None].astype(x.dtype)  # exact: a power-of-two scaling
+        np.floor(y, out=y)
+        k = y.astype(np.intp)
         k += self.max_bins + size * np.arange(len(x))[:, None]
         self._counts += np.bincount(k.ravel(), minlength=self._counts.size).reshape(self._counts.shape)
 

@@ -25,7 +25,7 @@ __all__ = ["quantize", "QuantizeResult"]
 
 logger = logging.getLogger(__name__)
 
-_ANNOTATION_OPTIONS = ("activation_dtype", "weight_dtype", "per_channel", "symmetric_activations", "observer", "percentile", "exclude", "overrides", "op_types")
+_ANNOTATION_OPTIONS = ("activation_dtype", "weight_dtype", "per_channel", "symmetric_activations", "observer", "percentile", "exclude", "overrides", "op_types", "integer_ops")
 
 
 @dataclasses.dataclass

@@ -142,6 +142,48 @@ def test_onnxruntime_fuses_integer_kernels():
     assert report.fused["float_behind_dq"] == {}
 
 
+def _silu_cnn() -> onnx.ModelProto:
+    """Conv -> SiLU (Sigmoid, Mul) twice, Concat, Conv; a float head: Conv -> Sigmoid -> output,
+    and a Mul by a constant."""
+    rng = np.random.default_rng(3)
+    w = lambda *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, f"w{len(inits)}")  # noqa: E731
+    inits: list = []
+    nodes = []
+    for i, (src, cin) in enumerate([("x", 3), ("a0", 4)]):
+        inits.append(w(4, cin, 3, 3))
+        nodes += [
+            helper.make_node("Conv", [src, inits[-1].name], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", [f"c{i}"], [f"s{i}"], name=f"sig{i}"),
+            helper.make_node("Mul", [f"c{i}", f"s{i}"], [f"a{i}"], name=f"silu{i}"),
+        ]
+    inits.append(w(4, 8, 1, 1))
+    inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    nodes += [
+        helper.make_node("Concat", ["a0", "a1"], ["cat"], name="cat", axis=1),
+        helper.make_node("Conv", ["cat", inits[-2].name], ["h"], name="head"),
+        helper.make_node("Mul", ["h", "half"], ["hh"], name="scale"),
+        helper.make_node("Sigmoid", ["hh"], ["y"], name="head_sig"),
+    ]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_integer_capable_ops_get_quantized_where_integers_flow():
+    proto = _silu_cnn()
+    result = qpass.quantize(proto, _calib(proto, 32))
+    fused = result.report.fused
+    assert fused["integer"].get("QLinearSigmoid") == 2 and fused["integer"].get("QLinearMul") == 2
+    assert fused["integer"].get("QLinearConcat") == 1 and fused["integer"].get("QLinearConv") == 3
+    assert fused["float_behind_dq"] == {"Mul": 1}  # x * 0.5: a constant operand stays float
+    graph = result.model.graph
+    assert not graph.node("head_sig").outputs[0].uses() and graph.outputs[0].producer().name == "head_sig"
+    assert all(u.node.op_type != "QuantizeLinear" for u in graph.node("scale").outputs[0].uses())  # read in float only
+    assert result.report.output_sqnr_db["y"] > 30
+    plain = qpass.quantize(proto, _calib(proto, 32), integer_ops=False).report.fused
+    assert "QLinearSigmoid" not in plain["integer"] and plain["float_behind_dq"].get("Sigmoid") == 2
+
+
 def test_degenerate_ranges_give_valid_scales():
     # Relu of a negative constant: the activation after it is all zeros.
     graph = helper.make_graph(
