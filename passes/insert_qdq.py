@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.calibration import Calibration, annotated_activations
-from qpass.graph_utils import add_initializer, unique_name
+from qpass.graph_utils import add_initializer, unique_name, used_names
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import SPEC_KEY, QuantSpec, qparams_from_range
 
@@ -68,6 +68,7 @@ class InsertQDQPass(Pass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
+        self._taken = used_names(graph)
         report = PassReport(model, False)
         acts = annotated_activations(model)
         calib = self.analysis(Calibration(), model) if acts else None
@@ -151,34 +152,34 @@ class InsertQDQPass(Pass):
 
     def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis) -> ir.Value:
         ir_dtype = _IR_DTYPES[dtype_name] if dtype_name else None
-        q_init = add_initializer(graph, f"{value.name}_quantized", q, ir_dtype)
-        s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()))
-        z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype)
+        q_init = add_initializer(graph, f"{value.name}_quantized", q, ir_dtype, taken=self._taken)
+        s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()), taken=self._taken)
+        z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype, taken=self._taken)
         attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node("DequantizeLinear", [q_init, s_init, z_init], attrs, name=f"{value.name}_DequantizeLinear")
         out = dq.outputs[0]
-        out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized"), ir.DataType.FLOAT, value.shape
+        out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized", self._taken), ir.DataType.FLOAT, value.shape
         graph.insert_before(next(iter(graph)), dq) if len(graph) else graph.append(dq)
         return out
 
     def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> None:
         ir_dtype = _IR_DTYPES[spec.dtype]
-        s_init = add_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()))
-        z_init = add_initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype)
+        s_init = add_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()), taken=self._taken)
+        z_init = add_initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype, taken=self._taken)
         users = [(u.node, u.idx) for u in value.uses()]
         source, extra = value, []
         if spec.restricted:  # fewer levels than the storage type: clip to the representable range first
             lo = float(np.float32(scale) * (spec.qmin - int(zero)))
             hi = float(np.float32(scale) * (spec.qmax - int(zero)))
-            lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32))
-            hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32))
+            lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32), taken=self._taken)
+            hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32), taken=self._taken)
             clip = ir.node("Clip", [value, lo_v, hi_v], name=f"{value.name}_Clip")
-            clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped"), value.dtype, value.shape
+            clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped", self._taken), value.dtype, value.shape
             source, extra = clip.outputs[0], [clip]
         q = ir.node("QuantizeLinear", [source, s_init, z_init], name=f"{value.name}_QuantizeLinear")
-        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized"), ir_dtype, value.shape
+        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized", self._taken), ir_dtype, value.shape
         dq = ir.node("DequantizeLinear", [q.outputs[0], s_init, z_init], name=f"{value.name}_DequantizeLinear")
-        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized"), value.dtype, value.shape
+        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized", self._taken), value.dtype, value.shape
         producer = value.producer()
         if producer is None:
             graph.insert_before(next(iter(graph)), [*extra, q, dq])

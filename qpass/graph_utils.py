@@ -82,24 +82,38 @@ def replace_subgraph(
     onnx_ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, [old_output], [new_output])
 
 
-def unique_name(graph: ir.Graph, base: str) -> str:
-    """``base`` or ``base_1``, ``base_2``, ... not yet used by a value or initializer in ``graph``."""
+def used_names(graph: ir.Graph) -> set[str]:
+    """Names of the graph's inputs, initializers and node outputs."""
     used = set(graph.initializers)
     used.update(v.name for v in graph.inputs)
     for node in graph:
         used.update(o.name for o in node.outputs)
+    return used
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> str:
+    """``base`` or ``base_1``, ``base_2``, ... not yet used by a value or initializer in ``graph``.
+
+    A pass that names many values passes ``taken`` (from :func:`used_names`, kept up to date
+    by these calls) instead of having the graph scanned on every call.
+    """
+    used = used_names(graph) if taken is None else taken
     name, i = base, 0
     while name in used:
         i += 1
         name = f"{base}_{i}"
+    if taken is not None:
+        taken.add(name)
     return name
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None, taken: set[str] | None = None
+) -> ir.Value:
     """Register ``array`` as a new initializer named ``name`` (made unique) and return its value."""
     array = np.asarray(array, order="C")  # keeps 0-d scalars 0-d
     tensor = ir.tensor(array, dtype=dtype) if dtype is not None else ir.tensor(array)
-    value = ir.Value(name=unique_name(graph, name), const_value=tensor)
+    value = ir.Value(name=unique_name(graph, name, taken), const_value=tensor)
     value.shape, value.dtype = tensor.shape, tensor.dtype
     graph.register_initializer(value)
     return value
