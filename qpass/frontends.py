@@ -11,6 +11,7 @@ import logging
 import warnings
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import ModelError
@@ -74,4 +75,9 @@ def torch_to_ir(
             f"torch module {type(module).__name__} failed to export ({first}): check that it runs on the example "
             "inputs and that its code is traceable by torch.export"
         ) from e
-    return program.model
+    model = program.model
+    for value in model.graph.initializers.values():  # own the weights: the module may change later
+        tensor = value.const_value
+        if tensor is not None and not isinstance(tensor.raw, np.ndarray):
+            value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=tensor.name)
+    return model

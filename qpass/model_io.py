@@ -206,8 +206,12 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from _all_tensors(g)
 
 
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "BatchNormalization", "LayerNormalization"})
+
+
 def validate_model(model: ir.Model) -> None:
-    """Raise :class:`ModelError` for NaN/Inf weights (checked once at load)."""
+    """Raise :class:`ModelError` for NaN weights, and Inf in a weight of a Conv/MatMul/Gemm/
+    normalization (checked once at load). ``-inf`` elsewhere is legitimate: attention masks."""
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is None or not tensor.dtype.is_floating_point():
@@ -216,8 +220,13 @@ def validate_model(model: ir.Model) -> None:
             array = tensor.numpy()
         except Exception:  # dtypes numpy cannot view (e.g. float8): nothing to check
             continue
-        if not np.isfinite(array).all():
-            raise ModelError(f"initializer '{name}' contains NaN or Inf: fix the weights before quantizing")
+        if np.isfinite(array).all():
+            continue
+        if np.isnan(array).any():
+            raise ModelError(f"initializer '{name}' contains NaN: fix the weights before quantizing")
+        readers = sorted({u.node.op_type for u in value.uses()} & _WEIGHT_OPS)
+        if readers:
+            raise ModelError(f"initializer '{name}' contains Inf and is a {readers[0]} weight: fix the weights before quantizing")
 
 
 def _upgrade_opset(model: ir.Model) -> ir.Model:

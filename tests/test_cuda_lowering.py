@@ -69,3 +69,33 @@ def test_gpu_program_matches_cpu_reference():
     cpu = lower(model, "cpu")(**feeds)["output"]
     gpu = lower(model, "cuda")(**feeds)["output"].cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_mode_and_skipped_qdq():
+    proto = demo_cnn()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    feeds = {k: torch.from_numpy(v) for k, v in demo_calibration(proto, 1, seed=5)[0].items()}
+    full, half = lower(model, "cpu"), lower(model, "cpu", "float16")
+    assert full.skipped and len(full.skipped) == len(half.skipped)  # Q/DQ read only by islands are not run
+    name = proto.graph.output[0].name
+    a, b = full(**feeds)[name], half(**feeds)[name]
+    assert b.dtype == torch.float32
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-2
+    with pytest.raises(qpass.PipelineError, match="float32 or float16"):
+        lower(model, "cpu", "bfloat16")
+
+
+@pytest.mark.parametrize("upper", [0, 1])
+def test_trilu_matches_onnxruntime(upper):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpass.verify import run_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Trilu", ["x", "k"], ["y"], upper=upper)], "trilu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
+        [numpy_helper.from_array(np.array(1, np.int64), "k")],
+    )
+    model = qpass.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(lower(model, "cpu")(x=x)["y"].numpy(), run_model(model, {"x": x})["y"])

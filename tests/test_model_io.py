@@ -112,3 +112,26 @@ def test_torch_module_that_fails_to_export():
         qpass.load_model(Bad(), (torch.randn(2, 3),))
     with pytest.raises(qpass.ModelError, match="needs example inputs"):
         qpass.load_model(Bad())
+
+
+def test_inf_is_an_error_in_weights_but_not_in_masks():
+    proto = small_model()
+    proto.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array([0.0, -np.inf, 1.0], np.float32), "b"))
+    model = qpass.load_model(proto)  # an additive -inf mask (Add input) is legitimate
+    out = run_model(model, {"x": np.ones((2, 4), np.float32)})["y"]
+    assert (out[:, 1] == 0).all()
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((4, 3), np.inf, np.float32), "W"))
+    with pytest.raises(qpass.ModelError, match="'W' contains Inf and is a MatMul weight"):
+        qpass.load_model(proto)
+
+
+def test_torch_export_owns_its_weights():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).eval()
+    model = qpass.load_model(module, (torch.randn(2, 4),))
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    module.half()  # changing the module afterwards leaves the loaded model alone
+    with torch.no_grad():
+        module[0].weight.zero_()
+    for name, value in model.graph.initializers.items():
+        assert value.const_value.numpy().dtype == before[name].dtype
+        np.testing.assert_array_equal(value.const_value.numpy(), before[name])

@@ -7,8 +7,12 @@ with int32 accumulation, and dequantized in the epilogue ``acc * s_x * s_w + bia
 unsigned activation (zero-point z) is shifted to int8 (``q - 128``) and corrected by
 ``(128 - z) * colsum(W)``. Convs go through im2col (``unfold``). On a GPU the GEMM is the
 Triton kernel of ``qpass.backends.cuda.kernels``; elsewhere an exact int32 CPU reference,
-so the lowering is tested without a GPU. Every other op maps to torch one by one; an op
-without a mapping is a one-line :class:`~qpass.errors.PipelineError` naming it.
+so the lowering is tested without a GPU. On the GPU the zero-point correction is folded
+into the bias and the whole epilogue runs inside the GEMM kernel. Every other op maps to
+torch one by one; an op without a mapping is a one-line :class:`~qpass.errors.PipelineError`
+naming it. ``dtype="float16"`` runs the float ops in half precision (the integer islands
+are unchanged; outputs come back as float32): faster, no longer bit-comparable with
+onnxruntime's float32 ops.
 Model-local functions (``ai.qpass`` log quantizers) are run from their bodies.
 """
 
@@ -50,20 +54,44 @@ class QuantizedLinear:
     w_scale: Any  # torch float32 [N] or [1]
     col_sum: Any  # torch int32 [N]: sum_k Wq[n, k] (zero-point correction)
     bias: Any | None  # torch float32 [N]
+    fused: tuple | None = None  # GPU: (scale [N], bias [N]) for the kernel's epilogue
 
     def __call__(self, x2d):
         torch = _torch()
-        q = torch.round(x2d.float() / self.x_scale) + self.x_zero  # round half to even, as ONNX
-        lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
-        q = q.clamp(lo, hi)
         shift = 128 if self.x_unsigned else 0
-        a = (q - shift).to(torch.int8)
+        lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
+        # round half to even, as ONNX; the shift to int8 rides on the zero-point
+        a = torch.round(x2d.float() / self.x_scale).add_(self.x_zero).clamp_(lo, hi).sub_(shift).to(torch.int8)
+        if self.fused is not None and a.is_cuda:
+            out = self._kernel(a)
+            if out is not None:
+                return out if x2d.dtype == torch.float32 else out.to(x2d.dtype)
         acc = _int8_gemm(a, self.w_t)
         correction = shift - self.x_zero
         if correction:
             acc = acc + correction * self.col_sum
         y = acc.float() * (self.x_scale * self.w_scale)
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+
+    def _kernel(self, a):
+        torch = _torch()
+        try:
+            from qpass.backends.cuda.kernels import int8_gemm
+        except ImportError:
+            return None
+        scale, bias = self.fused
+        return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=torch.float32)
+
+    def fuse(self) -> None:
+        """Fold the zero-point correction into the bias: (acc + c*colsum)*s + b = acc*s + (b + c*colsum*s)."""
+        torch = _torch()
+        scale = (self.x_scale * self.w_scale.double()).expand(self.w_t.shape[0])
+        bias = (128 if self.x_unsigned else 0) - self.x_zero
+        bias = bias * self.col_sum.double() * scale
+        if self.bias is not None:
+            bias = bias + self.bias.double()
+        self.fused = (scale.float().contiguous(), bias.float().contiguous())
 
 
 def _int8_gemm(a, w_t):
@@ -84,27 +112,72 @@ def _int8_gemm(a, w_t):
 class LoweredProgram:
     """A callable torch program for a quantized ONNX model. ``program(**inputs)`` -> dict of outputs."""
 
-    def __init__(self, model: ir.Model, device: str = "cpu"):
+    def __init__(self, model: ir.Model, device: str = "cpu", dtype: str = "float32"):
         torch = _torch()
+        if dtype not in ("float32", "float16"):
+            raise PipelineError(f"the CUDA backend computes in float32 or float16, not '{dtype}'")
         self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
         self.model = model
         self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
         self.constants: dict[str, Any] = {}
+        cpu = torch.device("cpu")
         for name, value in model.graph.initializers.items():
             if value.const_value is not None:
-                self.constants[name] = _to_torch(value.const_value.numpy(), self.device)
+                array = value.const_value.numpy()
+                if self.dtype == torch.float16 and array.dtype == np.float32 and array.ndim > 0:
+                    array = array.astype(np.float16)  # 0-d scales stay float32
+                # shapes, axes and starts stay on the host: reading them never waits for the GPU
+                host = value.uses() and all((u.node.op_type, u.idx) in _SHAPE_INPUTS for u in value.uses())
+                self.constants[name] = _to_torch(array, cpu if host else self.device)
         self.islands: dict[int, QuantizedLinear] = {}
         self.functions = {(f.domain, f.name): f for f in model.functions.values()}
         for node in model.graph:
             island = _match_island(node, self.device)
             if island is not None:
+                if self.device.type == "cuda":
+                    island.fuse()
                 self.islands[id(node)] = island
+        # Q/DQ nodes read only by islands (which quantize the float input themselves) are not run
+        self.skipped: set[int] = set()
+        for node in reversed(list(model.graph)):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and all(
+                o.uses() and not o.is_graph_output() and all(id(u.node) in self.islands or id(u.node) in self.skipped for u in o.uses())
+                for o in node.outputs
+            ):
+                self.skipped.add(id(node))
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
                 raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
             if node.domain in ("", "ai.onnx") and node.op_type not in _OPS:
                 raise PipelineError(f"the CUDA backend has no lowering for op '{node.op_type}' (node '{node.name}'): keep it out of the model or use the onnxruntime backend")
+
+    def capture(self, **inputs) -> Callable[..., dict[str, Any]]:
+        """Record one run on ``inputs`` as a CUDA graph; the returned function copies new
+        inputs of the same shapes into place and replays it (no per-op launch overhead).
+        The outputs it returns are overwritten by the next replay."""
+        torch = _torch()
+        if self.device.type != "cuda":
+            raise PipelineError("capture() records a CUDA graph: lower with device='cuda'")
+        static = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))).to(self.device).clone() for k, v in inputs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # autotuning and allocations happen outside the graph
+                self(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self(**static)
+
+        def replay(**new):
+            for k, v in new.items():
+                static[k].copy_(v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)))
+            graph.replay()
+            return outputs
+
+        return replay
 
     @property
     def quantized_layers(self) -> int:
@@ -118,13 +191,18 @@ class LoweredProgram:
         env = dict(self.constants)
         for name in self.input_names:
             value = inputs[name]
-            env[name] = value.to(self.device) if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value), self.device)
+            value = value.to(self.device) if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value), self.device)
+            env[name] = value.to(self.dtype) if value.dtype == torch.float32 else value
         with torch.no_grad():
             self._run_graph(self.model.graph.__iter__(), env, top=True)
-        return {name: env[name] for name in self.output_names}
+        return {name: env[name].float() if env[name].dtype == self.dtype != torch.float32 else env[name] for name in self.output_names}
 
     def _run_graph(self, nodes, env: dict, top: bool = False) -> None:
+        torch = _torch()
+        half = self.dtype == torch.float16
         for node in nodes:
+            if top and id(node) in self.skipped:
+                continue
             if top and id(node) in self.islands:
                 env[node.outputs[0].name] = _run_island(node, self.islands[id(node)], env)
                 continue
@@ -135,6 +213,8 @@ class LoweredProgram:
                 outs = _OPS[node.op_type](node, *args)
             if not isinstance(outs, tuple):
                 outs = (outs,)
+            if half:  # ops that compute in float32 (DequantizeLinear) hand half on
+                outs = tuple(o.half() if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() else o for o in outs)
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
 
@@ -144,14 +224,14 @@ class LoweredProgram:
         return tuple(env[v.name] for v in function.outputs)
 
 
-def lower(model: ir.Model, device: str | None = None) -> LoweredProgram:
-    """Lower ``model`` for ``device`` ("cuda" when available, else "cpu")."""
+def lower(model: ir.Model, device: str | None = None, dtype: str = "float32") -> LoweredProgram:
+    """Lower ``model`` for ``device`` ("cuda" when available, else "cpu"); float ops in ``dtype``."""
     torch = _torch()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("no CUDA GPU is available: lower with device='cpu' (reference kernels) or run on a GPU machine")
-    return LoweredProgram(model, device)
+    return LoweredProgram(model, device, dtype)
 
 
 def _to_torch(array: np.ndarray, device):
@@ -369,10 +449,18 @@ def _t():
     return _torch()
 
 
+# (op, input index) pairs that are read on the host (shapes, axes, slice bounds)
+_SHAPE_INPUTS = frozenset({
+    ("Reshape", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Unsqueeze", 1), ("Squeeze", 1),
+    ("Expand", 1), ("Trilu", 1), ("ReduceMean", 1), ("ReduceSum", 1), ("ReduceMax", 1), ("ReduceMin", 1),
+    ("Tile", 1), ("ConstantOfShape", 0), ("Split", 1), ("Pad", 1), ("Resize", 2), ("Resize", 3),
+})
+
 _OPS: Mapping[str, Callable[..., Any]] = {
     "QuantizeLinear": _q,
     "DequantizeLinear": _dq,
-    "MatMul": lambda n, a, b: a.float() @ b.float(),
+    "MatMul": lambda n, a, b: a @ b if a.dtype == b.dtype and a.is_floating_point() else a.float() @ b.float(),
+    "Trilu": lambda n, x, k=None: (x.triu if _attr(n, "upper", 1) else x.tril)(int(k) if k is not None else 0),
     "Gemm": _gemm,
     "Conv": _conv,
     "Add": lambda n, a, b: a + b,
