@@ -99,3 +99,14 @@ def test_trilu_matches_onnxruntime(upper):
     model = qpass.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
     np.testing.assert_array_equal(lower(model, "cpu")(x=x)["y"].numpy(), run_model(model, {"x": x})["y"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_replays_like_the_op_by_op_run():
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    first, second = ({k: torch.from_numpy(v) for k, v in demo_calibration(proto, 1, seed=s)[0].items()} for s in (5, 6))
+    program = lower(model, "cuda", "float16")
+    replay = program.capture(**first)
+    for feeds in (second, first):
+        torch.testing.assert_close(replay(**feeds)["output"].clone(), program(**feeds)["output"], rtol=0, atol=0)
