@@ -60,8 +60,10 @@ class QuantizedLinear:
         torch = _torch()
         shift = 128 if self.x_unsigned else 0
         lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
-        # round half to even, as ONNX; the shift to int8 rides on the zero-point
-        a = torch.round(x2d.float() / self.x_scale).add_(self.x_zero).clamp_(lo, hi).sub_(shift).to(torch.int8)
+        if self.fused is not None and x2d.is_cuda:  # one kernel; the shift to int8 rides on the zero-point
+            a = torch.quantize_per_tensor(x2d.float(), self.x_scale, self.x_zero - shift, torch.qint8).int_repr()
+        else:  # exact: round half to even of x / scale, as ONNX
+            a = torch.round(x2d.float() / self.x_scale).add_(self.x_zero).clamp_(lo, hi).sub_(shift).to(torch.int8)
         if self.fused is not None and a.is_cuda:
             out = self._kernel(a)
             if out is not None:
@@ -141,17 +143,36 @@ class LoweredProgram:
                 self.islands[id(node)] = island
         # Q/DQ nodes read only by islands (which quantize the float input themselves) are not run
         self.skipped: set[int] = set()
+        self.fake_quant: dict[int, tuple] = {}  # GPU: DQ(Q(x)) per tensor as one kernel
         for node in reversed(list(model.graph)):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") and all(
                 o.uses() and not o.is_graph_output() and all(id(u.node) in self.islands or id(u.node) in self.skipped for u in o.uses())
                 for o in node.outputs
             ):
                 self.skipped.add(id(node))
+        if self.device.type == "cuda":
+            self._pair_qdq(model)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
                 raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
             if node.domain in ("", "ai.onnx") and node.op_type not in _OPS:
                 raise PipelineError(f"the CUDA backend has no lowering for op '{node.op_type}' (node '{node.name}'): keep it out of the model or use the onnxruntime backend")
+
+    def _pair_qdq(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type != "DequantizeLinear" or id(node) in self.skipped or len(node.inputs) < 3:
+                continue
+            q = node.inputs[0].producer()
+            if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or [v.name for v in q.inputs[1:3]] != [v.name for v in node.inputs[1:3]]:
+                continue
+            scale, zero = _const(node.inputs[1]), _const(node.inputs[2])
+            if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
+                continue
+            lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+            self.fake_quant[id(node)] = (q.inputs[0].name, float(scale.reshape(())), int(zero.reshape(())), lo, hi)
+            if all(u.node.op_type == "DequantizeLinear" and id(u.node) in self.fake_quant or id(u.node) in self.skipped
+                   for u in q.outputs[0].uses()) and not q.outputs[0].is_graph_output():
+                self.skipped.add(id(q))
 
     def capture(self, **inputs) -> Callable[..., dict[str, Any]]:
         """Record one run on ``inputs`` as a CUDA graph; the returned function copies new
@@ -205,6 +226,12 @@ class LoweredProgram:
                 continue
             if top and id(node) in self.islands:
                 env[node.outputs[0].name] = _run_island(node, self.islands[id(node)], env)
+                continue
+            if top and id(node) in self.fake_quant:
+                source, scale, zero, lo, hi = self.fake_quant[id(node)]
+                x = env[source]
+                y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, lo, hi)
+                env[node.outputs[0].name] = y.to(x.dtype) if x.dtype != y.dtype else y
                 continue
             args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
             if (node.domain, node.op_type) in self.functions:
