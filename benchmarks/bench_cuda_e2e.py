@@ -47,24 +47,32 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, s, h))
 
 
-class EncoderLayer(nn.Module):  # BERT: post-LN, GELU
-    def __init__(self, hidden=768, heads=12, ffn=3072):
+class Block(nn.Module):
+    """Attention + FFN with two LayerNorms; subclasses choose post-LN (BERT) or pre-LN (OPT)."""
+
+    causal = False
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
         super().__init__()
-        self.attn = Attention(hidden, heads, causal=False)
+        self.attn = Attention(hidden, heads, causal=self.causal)
         self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+
+class EncoderLayer(Block):  # BERT: post-LN, GELU
+    def __init__(self, hidden=768, heads=12, ffn=3072):
+        super().__init__(hidden, heads, ffn)
 
     def forward(self, x):
         x = self.ln1(x + self.attn(x))
         return self.ln2(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
 
 
-class DecoderLayer(nn.Module):  # OPT: pre-LN, ReLU, causal
+class DecoderLayer(Block):  # OPT: pre-LN, ReLU, causal
+    causal = True
+
     def __init__(self, hidden=2048, heads=32, ffn=8192):
-        super().__init__()
-        self.attn = Attention(hidden, heads, causal=True)
-        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+        super().__init__(hidden, heads, ffn)
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))

@@ -33,15 +33,14 @@ from collections import Counter
 import onnx_ir as ir
 
 from qpass.pass_base import Pass, PassReport
-from qpass.schemes import SPEC_KEY, QuantSpec
+from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
 __all__ = ["AnnotateQuantPass", "weight_channel_axis"]
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
-# ops with a QLinear* kernel in onnxruntime (QDQ fusion) or that move data without arithmetic
+# ops with a QLinear* kernel in onnxruntime (QDQ fusion); data-movement ops are SHARED_PARAMETER_OPS
 _INTEGER_OPS = ("Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
-_DATA_MOVEMENT = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
 
 
 def weight_channel_axis(node: ir.Node) -> int:
@@ -150,12 +149,12 @@ class AnnotateQuantPass(Pass):
                     mark(out, act)
             report.rewritten += 1
         if self.integer_ops:
-            self._propagate(model, mark, marked, report)
+            self._propagate(model, marked, report)
         report.details = dict(marked)
         report.modified = bool(marked)
         return report
 
-    def _propagate(self, model: ir.Model, mark, marked: Counter, report: PassReport) -> None:
+    def _propagate(self, model: ir.Model, marked: Counter, report: PassReport) -> None:
         """Mark outputs of integer-capable ops whose activation inputs are all marked, then
         unmark those that nothing integer reads (reverse order: consumers decide first)."""
         quantized = lambda v: v is not None and (v.const_value is not None or SPEC_KEY in v.meta)  # noqa: E731
@@ -167,11 +166,11 @@ class AnnotateQuantPass(Pass):
 
         candidates: list[tuple[ir.Node, ir.Value]] = []
         for node in model.graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + _DATA_MOVEMENT:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + SHARED_PARAMETER_OPS:
                 continue
             if _matches(node, self.exclude) is not None:
                 continue
-            data = node.inputs[:1] if node.op_type in _DATA_MOVEMENT else node.inputs
+            data = node.inputs[:1] if node.op_type in SHARED_PARAMETER_OPS else node.inputs
             if not data or any(v is not None and v.const_value is not None for v in data):
                 continue  # constant operands (x * 0.5) would need their own quantized copy
             if not all(quantized(v) for v in data if v is not None):

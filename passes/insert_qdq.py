@@ -26,11 +26,10 @@ import onnx_ir as ir
 from qpass.analyses.calibration import Calibration, annotated_activations
 from qpass.graph_utils import add_initializer, unique_name, used_names
 from qpass.pass_base import Pass, PassReport
-from qpass.schemes import SPEC_KEY, QuantSpec, qparams_from_range
+from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec, qparams_from_range
 
 __all__ = ["InsertQDQPass", "quantize_array"]
 
-_SHARE_PARAMS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
 _INT32_MAX = 2**31 - 1
 
 
@@ -80,7 +79,7 @@ class InsertQDQPass(Pass):
                 return params[value.name]
             producer = value.producer()
             spec = value.meta[SPEC_KEY]
-            if producer is not None and producer.op_type in _SHARE_PARAMS and SPEC_KEY in producer.inputs[0].meta \
+            if producer is not None and producer.op_type in SHARED_PARAMETER_OPS and SPEC_KEY in producer.inputs[0].meta \
                     and producer.inputs[0].const_value is None and producer.inputs[0].meta[SPEC_KEY].dtype == spec.dtype:
                 params[value.name] = act_params(producer.inputs[0])
                 counts["shared parameters"] += 1

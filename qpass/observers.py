@@ -226,7 +226,7 @@ class HistogramObserver(Observer):
         super()._observe(x, bmin, bmax)
         self._widen()
         size = 2 * self.max_bins
-        if x.dtype == np.float32 and not (-120 < self._exp).all() & (self._exp < 120).all():
+        if x.dtype == np.float32 and not ((-120 < self._exp) & (self._exp < 120)).all():
             x = x.astype(np.float64)  # 2^-exp would leave float32's range
         y = x * np.ldexp(1.0, -self._exp)[:, None].astype(x.dtype)  # exact: a power-of-two scaling
         np.floor(y, out=y)

@@ -12,9 +12,11 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["QuantSpec", "SPEC_KEY", "qparams_from_range", "INT_RANGES"]
+__all__ = ["QuantSpec", "SPEC_KEY", "SHARED_PARAMETER_OPS", "qparams_from_range", "INT_RANGES"]
 
 SPEC_KEY = "qpass.quant_spec"
+# data-movement ops: their quantized output reuses the input's scale and zero-point
+SHARED_PARAMETER_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
 
 INT_RANGES = {
     "int8": (-128, 127),
