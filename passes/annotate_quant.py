@@ -21,6 +21,13 @@ Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_
            unless ``per_channel`` is false; ``activation_bits``/``weight_bits`` use fewer levels
            than the storage type (w6a6, w4a4 studies). ``overrides`` maps a node name/op type/regex to
            option changes for that node (e.g. ``{"fc2": {"weight_dtype": "int4"}}``).
+           Weight-only schemes (w4a16, w8a16): ``activations`` false marks constant weights only.
+           ``group_size`` G makes MatMul/Gemm weights group-wise: one scale per G consecutive
+           elements of the reduction axis K (MatMul ``[K, N]``: axis 0; Gemm: 1 with transB else
+           0); K need not be a multiple of G (the last group is shorter). Conv/ConvTranspose
+           weights, weights that are not 2-D float32 are then left float (counted as skipped):
+           onnxruntime has no block-wise conv kernel, and its ``MatMulNBits`` fusion wants 2-D
+           weights and G a power of two >= 16.
 Preserves: the float function (only metadata changes). ``insert-qdq`` materializes it.
 """
 
@@ -35,7 +42,7 @@ import onnx_ir as ir
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
-__all__ = ["AnnotateQuantPass", "weight_channel_axis"]
+__all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis", "weight_only"]
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
@@ -52,6 +59,39 @@ def weight_channel_axis(node: ir.Node) -> int:
     if node.op_type == "MatMul":
         return 1
     return 0
+
+
+def weight_reduction_axis(node: ir.Node) -> int | None:
+    """The reduction (K) axis of a MatMul/Gemm 2-D weight input; None for other ops."""
+    if node.op_type == "Gemm":
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    return 0 if node.op_type == "MatMul" else None
+
+
+def _group_skip(node: ir.Node, weight: ir.Value) -> str | None:
+    """Why a weight cannot be quantized group-wise, or None."""
+    if weight_reduction_axis(node) is None:
+        return f"{node.op_type} weight: group-wise is for MatMul/Gemm"
+    if weight.const_value.shape.rank() != 2:
+        return "group-wise weight not 2-D"
+    if weight.const_value.dtype != ir.DataType.FLOAT:
+        return "group-wise weight not float32"
+    return None
+
+
+# passes that read no data: a pipeline of these and weight-only annotation needs no calibration
+_DATA_FREE = ("fold-constants", "remove-noops", "fold-batchnorm", "fuse-layernorm", "fuse-gelu", "eliminate-dead-nodes", "insert-qdq")
+
+
+def weight_only(passes) -> bool:
+    """True when ``passes`` quantize weights only (``annotate-quant`` with ``activations`` false)
+    and read no calibration data."""
+    names = [getattr(p, "name", "") for p in passes]
+    annotations = [p for p in passes if getattr(p, "name", "") == "annotate-quant"]
+    quantizes_activations = any(
+        p.activations or any(o.get("activations", False) for o in p.overrides.values()) for p in annotations
+    )
+    return bool(annotations) and not quantizes_activations and all(n in _DATA_FREE or n == "annotate-quant" for n in names)
 
 
 def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
@@ -79,12 +119,16 @@ class AnnotateQuantPass(Pass):
     integer_ops: bool = True
     exclude: tuple[str, ...] = ()
     overrides: dict = dataclasses.field(default_factory=dict)
+    activations: bool = True
+    group_size: int | None = None
 
     def __post_init__(self):
         self.op_types = tuple(self.op_types)
         self.exclude = tuple(self.exclude)
         self._act_spec(self)  # validate early: bad dtypes/observers fail at construction
         self._weight_spec(self, 0)
+        if self.group_size is not None:
+            self._weight_spec(self, 0, group_axis=0)
 
     def _act_spec(self, o) -> QuantSpec:
         return QuantSpec(
@@ -92,7 +136,10 @@ class AnnotateQuantPass(Pass):
             num_bits=o.activation_bits,
         )
 
-    def _weight_spec(self, o, axis: int) -> QuantSpec:
+    def _weight_spec(self, o, axis: int, group_axis: int | None = None) -> QuantSpec:
+        if group_axis is not None:
+            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="group", axis=group_axis,
+                             group_size=o.group_size, num_bits=o.weight_bits)
         if o.per_channel:
             return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="channel", axis=axis, num_bits=o.weight_bits)
         return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, num_bits=o.weight_bits)
@@ -124,6 +171,8 @@ class AnnotateQuantPass(Pass):
             o = self._options_for(node)
             act = self._act_spec(o)
             if node.op_type in _POOLS:
+                if not o.activations:
+                    continue
                 source = node.inputs[0].producer()
                 if source is None or SPEC_KEY not in node.inputs[0].meta:
                     report.skipped[f"{node.op_type} input not quantized"] += 1
@@ -136,10 +185,19 @@ class AnnotateQuantPass(Pass):
                 if value is None:
                     continue
                 if value.const_value is not None:
-                    if i == weight_index and value.const_value.dtype.is_floating_point():
+                    if i != weight_index or not value.const_value.dtype.is_floating_point():
+                        continue
+                    if o.group_size is None:
                         mark(value, self._weight_spec(o, weight_channel_axis(node)))
-                else:
+                    elif (reason := _group_skip(node, value)) is not None:
+                        report.skipped[reason] += 1
+                    else:
+                        mark(value, self._weight_spec(o, weight_channel_axis(node), weight_reduction_axis(node)))
+                elif o.activations:
                     mark(value, act)
+            if not o.activations:
+                report.rewritten += any(v is not None and v.const_value is not None and SPEC_KEY in v.meta for v in node.inputs[:2])
+                continue
             if node.op_type in _OUTPUT_FUSING or (node.op_type == "MatMul" and o.quantize_matmul_output):
                 out = node.outputs[0]
                 follower = out.uses()[0].node if len(out.uses()) == 1 else None
@@ -148,7 +206,7 @@ class AnnotateQuantPass(Pass):
                 if not out.is_graph_output():
                     mark(out, act)
             report.rewritten += 1
-        if self.integer_ops:
+        if self.integer_ops and self.activations:
             self._propagate(model, marked, report)
         report.details = dict(marked)
         report.modified = bool(marked)

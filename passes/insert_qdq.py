@@ -1,7 +1,11 @@
 """Materialize quantization intent as standard QuantizeLinear/DequantizeLinear (QDQ) nodes.
 
 Matches:   every value annotated with a ``QuantSpec`` (see ``annotate-quant``).
-Rewrites:  constant weights -> integer initializer + DequantizeLinear (per-channel ``axis``);
+Rewrites:  constant weights -> integer initializer + DequantizeLinear (per-channel ``axis``;
+           group-wise: ``axis`` and ``block_size`` G, scales of the weight's rank with
+           ceil(K / G) entries along K, no zero-point input when symmetric, opset raised to 21;
+           a weight-only Gemm(transB=1) gets its weight stored as [K, N] and transB cleared, the
+           layout onnxruntime's MatMulNBits fusion reads);
            the float bias of a Conv/ConvTranspose/Gemm whose input and weight are quantized
            -> int32 initializer + DequantizeLinear with scale ``s_x * s_w`` (the weight scale
            is enlarged where the bias would overflow int32, ALGORITHMS.md §11.4);
@@ -25,6 +29,7 @@ import onnx_ir as ir
 
 from qpass.analyses.calibration import Calibration, annotated_activations
 from qpass.graph_utils import add_initializer, unique_name, used_names
+from qpass.model_io import opset_of, raise_opset_if_needed
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec, qparams_from_range
 
@@ -34,8 +39,13 @@ _INT32_MAX = 2**31 - 1
 
 
 def quantize_array(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec, axis: int | None) -> np.ndarray:
-    """round-half-even(x / scale) + zero, clipped to the spec's range, as its integer dtype."""
-    if axis is not None:
+    """round-half-even(x / scale) + zero, clipped to the spec's range, as its integer dtype.
+
+    Group-wise specs take ``scale`` and ``zero`` with one entry per group along ``axis``.
+    """
+    if spec.granularity == "group":
+        scale, zero = (_expand_groups(a, axis, spec.group_size, x.shape[axis]) for a in (scale, zero))
+    elif axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
@@ -50,7 +60,21 @@ _IR_DTYPES = {
 }
 
 
+def _expand_groups(a: np.ndarray, axis: int, group_size: int, length: int) -> np.ndarray:
+    """Repeat each group's entry ``group_size`` times along ``axis`` and cut to ``length``."""
+    return np.repeat(a, group_size, axis=axis).take(np.arange(length), axis=axis)
+
+
 def _weight_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, int | None]:
+    if spec.granularity == "group":
+        axis, g = spec.axis % w.ndim, spec.group_size
+        moved = np.moveaxis(w, axis, 0)
+        groups = -(-moved.shape[0] // g)
+        # a short last group is padded with zeros: harmless, the range always includes 0
+        padded = np.concatenate([moved, np.zeros((groups * g - moved.shape[0], *moved.shape[1:]), w.dtype)])
+        blocks = padded.reshape(groups, g, *moved.shape[1:])
+        scale, zero = qparams_from_range(spec, blocks.min(axis=1), blocks.max(axis=1))
+        return np.moveaxis(scale, 0, axis), np.moveaxis(zero, 0, axis), axis
     if spec.granularity == "channel":
         axis = spec.axis % w.ndim
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
@@ -103,6 +127,8 @@ class InsertQDQPass(Pass):
                     bias = self._bias_of(node, i, params)
                     weight_done[value.name] = self._quantize_weight(graph, node, value, bias, params)
                     counts["weights"] += 1
+                    if value.meta[SPEC_KEY].granularity == "group":
+                        counts["group-wise weights"] += 1
                 node.replace_input_with(i, weight_done[value.name])
         for name in acts:
             value = values[name]
@@ -111,6 +137,8 @@ class InsertQDQPass(Pass):
             counts["activations"] += 1
         report.rewritten = counts["weights"] + counts["activations"]
         report.details = dict(counts)
+        if report.rewritten and raise_opset_if_needed(model):
+            report.details["opset"] = opset_of(model)
         report.modified = report.rewritten > 0
         for value in values.values():
             value.meta.pop(SPEC_KEY, None)
@@ -123,15 +151,29 @@ class InsertQDQPass(Pass):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight_index != 1 or len(node.inputs) < 3:
             return None
         bias, x = node.inputs[2], node.inputs[0]
+        if node.inputs[weight_index].meta[SPEC_KEY].granularity == "group":
+            return None  # a bias scale s_x * s_w needs one weight scale per output channel
         if bias is None or bias.const_value is None or x is None or x.name not in params:
             return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return None
         return bias
 
+    @staticmethod
+    def _untranspose(node: ir.Node, weight: ir.Value, params) -> bool:
+        """A Gemm(transB=1) weight read by this node alone, with a float activation input."""
+        return (node.op_type == "Gemm" and node.inputs[1] is weight and bool(node.attributes.get_int("transB", 0))
+                and node.inputs[0].name not in params and len(weight.uses()) == 1 and not weight.is_graph_output()
+                and weight.const_value.shape.rank() == 2)
+
     def _quantize_weight(self, graph: ir.Graph, node: ir.Node, value: ir.Value, bias: ir.Value | None, params) -> ir.Value:
         spec: QuantSpec = value.meta[SPEC_KEY]
         w = value.const_value.numpy()
+        shape = value.shape
+        if self._untranspose(node, value, params):
+            # weight-only Gemm: store W as [K, N] and clear transB, the layout MatMulNBits fusion reads
+            w, spec, shape = w.T, spec.replace(axis=1 - spec.axis), ir.Shape(reversed(value.shape.dims))
+            node.attributes["transB"] = ir.AttrInt64("transB", 0)
         scale, zero, axis = _weight_params(w, spec)
         if bias is not None:
             s_x = float(params[node.inputs[0].name][0].reshape(()))
@@ -140,7 +182,8 @@ class InsertQDQPass(Pass):
             need = np.abs(b) / (s_x * _INT32_MAX)
             scale = np.maximum(scale.astype(np.float64), need if axis is not None else need.max()).astype(np.float32)
         q = quantize_array(w, scale, zero, spec, axis)
-        dq = self._dequantize(graph, value, q, scale, zero.astype(q.dtype), spec.dtype, axis)
+        block = spec.group_size if spec.granularity == "group" else None
+        dq = self._dequantize(graph, value, q, scale, zero.astype(q.dtype), spec.dtype, axis, block, shape)
         if bias is not None:
             bias_scale = (s_x * scale.astype(np.float64)).astype(np.float32)
             b_q = np.clip(np.round(b / bias_scale.astype(np.float64)), -_INT32_MAX, _INT32_MAX).astype(np.int32)
@@ -149,15 +192,21 @@ class InsertQDQPass(Pass):
             node.replace_input_with(2, bias_dq)
         return dq
 
-    def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis) -> ir.Value:
+    def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis, block_size=None, shape=None) -> ir.Value:
         ir_dtype = _IR_DTYPES[dtype_name] if dtype_name else None
         q_init = add_initializer(graph, f"{value.name}_quantized", q, ir_dtype, taken=self._taken)
-        s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()), taken=self._taken)
-        z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype, taken=self._taken)
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = ir.node("DequantizeLinear", [q_init, s_init, z_init], attrs, name=f"{value.name}_DequantizeLinear")
+        if block_size:  # scale (and zero-point) keep the weight's rank: one entry per block
+            inputs = [q_init, add_initializer(graph, f"{value.name}_scale", scale, taken=self._taken)]
+            if np.any(zero):  # symmetric: no zero-point input (ONNX's default is 0)
+                inputs.append(add_initializer(graph, f"{value.name}_zero_point", zero, ir_dtype, taken=self._taken))
+            attrs = {"axis": axis, "block_size": block_size}
+        else:
+            s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()), taken=self._taken)
+            z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype, taken=self._taken)
+            inputs, attrs = [q_init, s_init, z_init], {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{value.name}_DequantizeLinear")
         out = dq.outputs[0]
-        out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized", self._taken), ir.DataType.FLOAT, value.shape
+        out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized", self._taken), ir.DataType.FLOAT, shape or value.shape
         graph.insert_before(next(iter(graph)), dq) if len(graph) else graph.append(dq)
         return out
 

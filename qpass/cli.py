@@ -238,14 +238,24 @@ def _progress(quiet: bool):
 def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_channel, observer, activation_dtype, weight_dtype, limit, no_verify, report_json, report_html) -> None:
     """Quantize MODEL with calibration data and write a QDQ model onnxruntime runs with integer kernels."""
     import qpass
+    from qpass.api import build_passes
     from qpass.errors import CalibrationError, OutputError
+    from qpass.passes.annotate_quant import weight_only
 
-    if calib is None and not random_calib:
+    no_data = calib is None and not random_calib
+    if no_data and not weight_only(build_passes(recipe)):
         raise CalibrationError("quantizing needs calibration data: pass --calib DATA (or --random-calib N to try it out)")
     if Path(output).resolve() == Path(model).resolve():
         raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
     if random_calib and calib is None:
         click.echo(f"qpass: warning: calibrating on {random_calib} RANDOM samples: scales will not fit real data", err=True)
+    if no_data:  # weight-only: scales come from the weights; generated inputs feed only the report
+        from qpass.verify import probe_feeds
+
+        float_model = qpass.load_model(model)
+        calib = [probe_feeds(float_model, seed) for seed in range(4)]
+        del float_model
+        click.echo(f"qpass: note: recipe '{recipe}' quantizes weights only: no calibration data needed; the report compares on 4 generated inputs", err=True)
     result = qpass.quantize(
         model, calib, recipe=recipe, random_calibration=random_calib, limit=limit, verify=not no_verify,
         progress=_progress(ctx.obj["quiet"]), exclude=tuple(exclude) or None, per_channel=per_channel,

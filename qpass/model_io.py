@@ -6,7 +6,8 @@ validates what a user can get wrong and raises a one-line :class:`ModelError`:
 unreadable/corrupt files, external data that is missing, short or outside the model's
 folder, opset < 7, checker failures, unknown op domains, zero-size input dimensions,
 NaN/Inf weights. Models below opset 13 are upgraded with ``onnx.version_converter`` and
-checked numerically against the original.
+checked numerically against the original. Opset 21 is used only where the quantized
+output needs it (int4/uint4/int16/uint16 Q/DQ, ``block_size``): :func:`raise_opset_if_needed`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "save_model",
     "model_nbytes",
     "opset_of",
+    "raise_opset_if_needed",
     "write_text",
 ]
 
@@ -46,6 +48,79 @@ _PACKED_TYPES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOA
 def opset_of(model: ir.Model) -> int:
     """The default-domain opset of ``model``."""
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+QDQ_OPSET = 21  # int4/uint4/int16/uint16 Q/DQ types and blocked (block_size) Q/DQ
+_QDQ_OPSET_TYPES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT16, ir.DataType.UINT16})
+_REDUCE_AXES_INPUT = frozenset({  # axes moved from an attribute to an input at opset 18
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+    "ReduceProd", "ReduceSumSquare",
+})
+_MEANING_CHANGED = {"DFT": 20, "GroupNormalization": 21}  # op: opset from which it means something else
+
+
+def _default_domain_nodes(model: ir.Model):
+    for graph_like in [model.graph, *model.functions.values()]:
+        for node in ir.traversal.RecursiveGraphIterator(graph_like):
+            if node.domain in ("", "ai.onnx"):
+                yield node
+
+
+def _needs_qdq_opset(model: ir.Model) -> bool:
+    for node in _default_domain_nodes(model):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if "block_size" in node.attributes:
+            return True
+        typed = [node.inputs[0] if node.op_type == "DequantizeLinear" else node.outputs[0], *node.inputs[2:3]]
+        if any(v is not None and v.dtype in _QDQ_OPSET_TYPES for v in typed):
+            return True
+    return any(
+        v.const_value is not None and v.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4)
+        for v in model.graph.initializers.values()
+    )
+
+
+def raise_opset_if_needed(model: ir.Model) -> bool:
+    """Raise the default-domain opset to 21 in place when the Q/DQ nodes need it; True if raised.
+
+    Ops whose form changed on the way are rewritten (Reduce* ``axes`` attribute -> input at 18,
+    GridSample mode names at 20, RoiAlign's default coordinate mode at 16); an op whose
+    meaning changed otherwise (DFT before 20, GroupNormalization before 21) is a ModelError.
+    """
+    old = opset_of(model)
+    if old >= QDQ_OPSET or not _needs_qdq_opset(model):
+        return False
+    nodes = list(_default_domain_nodes(model))
+    for node in nodes:
+        if old < _MEANING_CHANGED.get(node.op_type, 0):
+            raise ModelError(
+                f"quantized weights need opset {QDQ_OPSET}, but op '{node.op_type}' (node '{node.name}') changes "
+                f"meaning between opset {old} and {QDQ_OPSET}: re-export the model at opset {QDQ_OPSET}"
+            )
+    from qpass.graph_utils import unique_name
+
+    taken = {o.name for n in nodes for o in n.outputs} | set(model.graph.initializers) | {v.name for v in model.graph.inputs}
+    for node in nodes:
+        if old < 18 and node.op_type in _REDUCE_AXES_INPUT and "axes" in node.attributes:
+            axes = node.attributes.pop("axes").as_ints()
+            const = ir.node("Constant", [], {"value_ints": list(axes)}, name=f"{node.name}_axes")
+            const.outputs[0].name = unique_name(model.graph, f"{node.name or node.op_type}_axes", taken)
+            node.graph.insert_before(node, const)
+            node.resize_inputs(2)
+            node.replace_input_with(1, const.outputs[0])
+        elif old < 20 and node.op_type == "GridSample":
+            mode = node.attributes.get_string("mode", "bilinear")
+            node.attributes["mode"] = ir.AttrString("mode", {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode))
+        elif old < 16 and node.op_type == "RoiAlign" and "coordinate_transformation_mode" not in node.attributes:
+            node.attributes["coordinate_transformation_mode"] = ir.AttrString("coordinate_transformation_mode", "output_half_pixel")
+    for imports in [model.opset_imports, *(f.opset_imports for f in model.functions.values())]:
+        for key in ("", "ai.onnx"):
+            if key in imports and imports[key] < QDQ_OPSET:
+                imports[key] = QDQ_OPSET
+    model.ir_version = max(model.ir_version or 0, 10)  # opset 21 needs IR version 10
+    logger.info("raised the opset from %d to %d for the quantized weights", old, QDQ_OPSET)
+    return True
 
 
 def model_nbytes(model: ir.Model) -> int:
@@ -315,6 +390,7 @@ def save_model(
         raise OutputError(f"output '{path}' is a directory: give a file name ending in .onnx")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory '{parent}' is not writable: choose another output path")
+    raise_opset_if_needed(model)
     if external_data is None:
         external_data = model_nbytes(model) > 1_800_000_000
     try:
