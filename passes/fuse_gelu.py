@@ -18,7 +18,7 @@ from qpass.graph_utils import const_scalar, is_op, only_consumer, other_input, r
 from qpass.model_io import opset_of
 from qpass.pass_base import Pass, PassReport
 
-__all__ = ["FuseGeluPass"]
+__all__ = ["FuseGeluPass", "match_gelu"]
 
 _TOL = 1e-3
 
@@ -101,6 +101,20 @@ def _tail(core: ir.Node, x: ir.Value):
     return nodes, value
 
 
+def match_gelu(core: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Value, str] | None:
+    """For an Erf or Tanh node: (x, the decomposed GELU's nodes, its output, "none" | "tanh")."""
+    if not is_op(core, "Erf", "Tanh") or core.graph is None:
+        return None
+    x, front = _erf_input(core) if core.op_type == "Erf" else _tanh_input(core)
+    if x is None or any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in front):
+        return None
+    matched = _tail(core, x)
+    if matched is None:
+        return None
+    tail, out = matched
+    return x, [*front, core, *tail], out, "tanh" if core.op_type == "Tanh" else "none"
+
+
 @dataclasses.dataclass
 class FuseGeluPass(Pass):
     name = "fuse-gelu"
@@ -111,22 +125,17 @@ class FuseGeluPass(Pass):
         graph = model.graph
         cores = [n for n in graph if is_op(n, "Erf", "Tanh")]
         for core in cores:
-            if core.graph is None:
-                continue
-            x, front = _erf_input(core) if core.op_type == "Erf" else _tanh_input(core)
-            if x is None or any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in front):
-                continue
-            matched = _tail(core, x)
+            matched = match_gelu(core)
             if matched is None:
                 continue
             if opset_of(model) < 20:
                 report.skipped["opset < 20 (Gelu needs 20)"] += 1
                 continue
-            tail, out = matched
-            attrs = {"approximate": "tanh"} if core.op_type == "Tanh" else {}
+            x, nodes, out, approximate = matched
+            attrs = {"approximate": "tanh"} if approximate == "tanh" else {}
             gelu = ir.node("Gelu", [x], attrs, name=f"{core.name or out.name}_gelu")
             gelu.outputs[0].dtype, gelu.outputs[0].shape = out.dtype or x.dtype, out.shape
-            replace_subgraph(graph, [*front, core, *tail], [gelu], out, gelu.outputs[0])
+            replace_subgraph(graph, nodes, [gelu], out, gelu.outputs[0])
             report.rewritten += 1
         report.modified = report.rewritten > 0
         return report

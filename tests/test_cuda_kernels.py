@@ -281,6 +281,40 @@ def test_gpu_int8_gemm_requant_within_one_lsb(backend):
     assert q[:, 0].cpu().tolist() == [-2, -2, -2, -1, 0, 0, 0, 1, 2, 2, 2]
 
 
+def test_int8_gemm_reference_activations_match_torch():
+    rng = np.random.default_rng(13)
+    a, b = rng.integers(-128, 128, (9, 32)).astype(np.int8), rng.integers(-128, 128, (6, 32)).astype(np.int8)
+    sb, bias = np.full(6, 1e-3, np.float32), rng.standard_normal(6).astype(np.float32)
+    y = torch.from_numpy(int8_gemm_numpy(a, b, None, sb, bias))
+    for act, fn in (("relu", torch.relu), ("gelu", torch.nn.functional.gelu),
+                    ("gelu_tanh", lambda t: torch.nn.functional.gelu(t, approximate="tanh"))):
+        got = torch.from_numpy(int8_gemm_numpy(a, b, None, sb, bias, activation=act))
+        torch.testing.assert_close(got, fn(y), rtol=1e-6, atol=1e-6)
+    q = int8_gemm_numpy(a, b, None, sb, bias, requant=(0.01, -128), activation="relu")
+    assert q.min() == -128  # negatives clipped to 0 land on the zero-point
+    with pytest.raises(ValueError, match="activation"):
+        int8_gemm_numpy(a, b, None, sb, bias, activation="silu")
+
+
+@gpu
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("backend", ["fixed", "tma"])
+def test_gpu_int8_gemm_activation_epilogue(activation, backend):
+    m, n, k = 300, 200, 256
+    gen = torch.Generator().manual_seed(14)
+    a, b = _cuda_i8(gen, m, k), _cuda_i8(gen, n, k)
+    sb = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).cuda()
+    bias = torch.randn(n, generator=gen).cuda()
+    kw = dict(config=_FIXED) if backend == "fixed" else dict(backend="tma")
+    got = int8_gemm(a, b, None, sb, bias, out_dtype=torch.float32, activation=activation, **kw)
+    ref = int8_gemm(a, b, None, sb, bias, out_dtype=torch.float32, activation=activation, backend="reference")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got = int8_gemm(a, b, None, sb, bias, requant=(0.02, -100), activation=activation, **kw)
+    ref = int8_gemm(a, b, None, sb, bias, requant=(0.02, -100), activation=activation, backend="reference")
+    diff = (got.cpu().int() - ref.cpu().int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+
+
 @gpu
 @pytest.mark.parametrize("m,k,dtype", [(7, 768, torch.float16), (64, 4096, torch.bfloat16), (3, 20000, torch.float32), (1, 11008, torch.float16)])
 def test_gpu_quantize_per_token_bit_exact(m, k, dtype):

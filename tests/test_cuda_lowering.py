@@ -110,3 +110,37 @@ def test_cuda_graph_capture_replays_like_the_op_by_op_run():
     replay = program.capture(**first)
     for feeds in (second, first):
         torch.testing.assert_close(replay(**feeds)["output"].clone(), program(**feeds)["output"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("builder,recipe,backend", [
+    (demo_cnn, "w8a8", "eager"),
+    (demo_vit, "repq-w4a4", "eager"),
+    (demo_vit, "w8a8", "eager"),
+    (demo_transformer, "w8a8", "inductor"),
+])
+def test_compiled_program_matches_onnxruntime(builder, recipe, backend):
+    proto = builder()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), recipe=recipe, report=False).model
+    program = lower(model, "cpu").compile(backend=backend)
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, expected in ref.items():
+            # the epilogue is fused (bias with the zero-point correction folded in): float rounding only
+            np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max() + 1e-6)
+    assert len(program._compiled) == 1  # one trace per input shape
+    if recipe == "w8a8" and builder is not demo_cnn:  # fc1 -> bias -> GELU -> Q runs in fc1's epilogue
+        assert program.int8_values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_gpu_program_matches_op_by_op_and_replays():
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    first, second = ({k: torch.from_numpy(v) for k, v in demo_calibration(proto, 1, seed=s)[0].items()} for s in (5, 6))
+    eager = lower(model, "cuda")(**first)["output"]
+    compiled = lower(model, "cuda").compile()
+    # the compiler's float32 division may round a quantization tie the other way: 1 LSB at most
+    torch.testing.assert_close(compiled(**first)["output"], eager, rtol=1e-3, atol=1e-3)
+    replay = compiled.capture(**first)
+    torch.testing.assert_close(replay(**second)["output"].clone(), compiled(**second)["output"], rtol=0, atol=0)

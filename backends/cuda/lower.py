@@ -55,35 +55,48 @@ class QuantizedLinear:
     col_sum: Any  # torch int32 [N]: sum_k Wq[n, k] (zero-point correction)
     bias: Any | None  # torch float32 [N]
     fused: tuple | None = None  # GPU: (scale [N], bias [N]) for the kernel's epilogue
+    activation: str | None = None  # fused: "relu" | "gelu" | "gelu_tanh" after the bias
+    requant: tuple[float, int] | None = None  # fused: int8 codes out, (scale, zero - shift) of the next Q
 
-    def __call__(self, x2d):
+    def quantize(self, x2d):
+        """int8 codes of ``x2d`` (unsigned activations shifted by -128)."""
         torch = _torch()
         shift = 128 if self.x_unsigned else 0
         lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
-        if self.fused is not None and x2d.is_cuda:  # one kernel; the shift to int8 rides on the zero-point
-            a = torch.quantize_per_tensor(x2d.float(), self.x_scale, self.x_zero - shift, torch.qint8).int_repr()
-        else:  # exact: round half to even of x / scale, as ONNX
-            a = torch.round(x2d.float() / self.x_scale).add_(self.x_zero).clamp_(lo, hi).sub_(shift).to(torch.int8)
+        if self.fused is not None and x2d.is_cuda and not _TRACING:  # one kernel; the int8 shift rides on the zero-point
+            return torch.quantize_per_tensor(x2d.float(), self.x_scale, self.x_zero - shift, torch.qint8).int_repr()
+        # exact: round half to even of x / scale, as ONNX (traced: fused into the producer)
+        return (torch.round(x2d.float() / self.x_scale) + self.x_zero).clamp(lo, hi).sub(shift).to(torch.int8)
+
+    def __call__(self, x2d, out_dtype=None):
+        """y = dequant(quantize(x2d) @ Wq) (+ bias); ``x2d`` may already be int8 codes."""
+        torch = _torch()
+        a = x2d if x2d.dtype == torch.int8 else self.quantize(x2d)
+        out_dtype = out_dtype or x2d.dtype
+        if self.fused is not None and _TRACING:
+            act = self.activation or ""
+            out_scale, out_zero = self.requant or (1.0, 0)
+            return _linear_op()(a, self.w_t, self.fused[0], self.fused[1], torch.int8 if self.requant else out_dtype, act, out_scale, out_zero)
         if self.fused is not None and a.is_cuda:
-            out = self._kernel(a)
+            out = self._kernel(a, out_dtype)
             if out is not None:
-                return out if x2d.dtype == torch.float32 else out.to(x2d.dtype)
+                return out
+        shift = 128 if self.x_unsigned else 0
         acc = _int8_gemm(a, self.w_t)
         correction = shift - self.x_zero
         if correction:
             acc = acc + correction * self.col_sum
         y = acc.float() * (self.x_scale * self.w_scale)
         y = y + self.bias if self.bias is not None else y
-        return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
 
-    def _kernel(self, a):
-        torch = _torch()
+    def _kernel(self, a, out_dtype):
         try:
             from qpass.backends.cuda.kernels import int8_gemm
         except ImportError:
             return None
         scale, bias = self.fused
-        return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=torch.float32)
+        return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=self.requant, activation=self.activation)
 
     def fuse(self) -> None:
         """Fold the zero-point correction into the bias: (acc + c*colsum)*s + b = acc*s + (b + c*colsum*s)."""
@@ -94,6 +107,34 @@ class QuantizedLinear:
         if self.bias is not None:
             bias = bias + self.bias.double()
         self.fused = (scale.float().contiguous(), bias.float().contiguous())
+
+
+_TRACING = False  # True while LoweredProgram.compile traces: plain torch ops and the custom GEMM op
+_LINEAR_OP: list = []
+
+
+def _linear_op():
+    """``qpass::int8_linear(a, w_t, scale, bias, out_dtype)``: the fused-epilogue GEMM as an
+    opaque torch op, so a traced program keeps it whole while the compiler fuses around it."""
+    if not _LINEAR_OP:
+        torch = _torch()
+
+        schema = ("(Tensor a, Tensor w_t, Tensor scale, Tensor bias, ScalarType out_dtype, str activation, "
+                  "float out_scale, int out_zero) -> Tensor")
+
+        @torch.library.custom_op("qpass::int8_linear", mutates_args=(), schema=schema)
+        def int8_linear(a, w_t, scale, bias, out_dtype, activation, out_scale, out_zero):
+            from qpass.backends.cuda.kernels import int8_gemm
+
+            requant = (out_scale, out_zero) if out_dtype == torch.int8 else None
+            return int8_gemm(a, w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=requant, activation=activation or None)
+
+        @int8_linear.register_fake
+        def _(a, w_t, scale, bias, out_dtype, activation, out_scale, out_zero):
+            return a.new_empty((a.shape[0], w_t.shape[0]), dtype=out_dtype)
+
+        _LINEAR_OP.append(int8_linear)
+    return _LINEAR_OP[0]
 
 
 def _int8_gemm(a, w_t):
@@ -134,6 +175,8 @@ class LoweredProgram:
                 host = value.uses() and all((u.node.op_type, u.idx) in _SHAPE_INPUTS for u in value.uses())
                 self.constants[name] = _to_torch(array, cpu if host else self.device)
         self.islands: dict[int, QuantizedLinear] = {}
+        self._compile_options: dict | None = None
+        self._compiled: dict[tuple, Callable] = {}
         self.functions = {(f.domain, f.name): f for f in model.functions.values()}
         for node in model.graph:
             island = _match_island(node, self.device)
@@ -150,8 +193,11 @@ class LoweredProgram:
                 for o in node.outputs
             ):
                 self.skipped.add(id(node))
+        self.int8_values: set[str] = set()  # values held as int8 codes (written by a requantizing island)
+        self.island_outputs: dict[int, str] = {}
         if self.device.type == "cuda":
             self._pair_qdq(model)
+            self._chain_requant()
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
                 raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
@@ -173,6 +219,65 @@ class LoweredProgram:
             if all(u.node.op_type == "DequantizeLinear" and id(u.node) in self.fake_quant or id(u.node) in self.skipped
                    for u in q.outputs[0].uses()) and not q.outputs[0].is_graph_output():
                 self.skipped.add(id(q))
+
+    def _chain_requant(self) -> None:
+        """Island -> [Add(bias)] -> [Relu | Gelu | decomposed GELU] -> Q read only by islands:
+        the bias, activation and quantization move into the GEMM epilogue, which writes the
+        int8 codes the next islands read (no float activation in memory)."""
+        from qpass.passes.fuse_gelu import match_gelu
+
+        if self.int8_values or any(i.fused is None for i in self.islands.values()):
+            return
+        gelus = {}
+        for node in self.model.graph:
+            matched = match_gelu(node)
+            if matched is not None:
+                gelus[matched[0].name] = matched
+
+        def only_use(value):
+            uses = value.uses()
+            return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+        for node in self.model.graph:
+            island = self.islands.get(id(node))
+            if island is None or node.op_type == "Conv":
+                continue
+            value, fold, extra_bias, act = node.outputs[0], [], None, None
+            nxt = only_use(value)
+            if nxt is not None and nxt.op_type == "Add":
+                b = _const(nxt.inputs[1] if nxt.inputs[0] is value else nxt.inputs[0])
+                if b is not None and b.dtype == np.float32 and b.size == island.w_t.shape[0] and b.shape[-1] == b.size:
+                    extra_bias, value = b.reshape(-1), nxt.outputs[0]
+                    fold.append(nxt)
+                    nxt = only_use(value)
+            if nxt is not None and nxt.op_type in ("Relu", "Gelu"):
+                act = "relu" if nxt.op_type == "Relu" else ("gelu_tanh" if _attr(nxt, "approximate", "none") == "tanh" else "gelu")
+                fold.append(nxt)
+                value = nxt.outputs[0]
+            elif value.name in gelus and not value.is_graph_output():
+                _, nodes, out, approximate = gelus[value.name]
+                if {id(u.node) for u in value.uses()} <= {id(n) for n in nodes}:
+                    act = "gelu_tanh" if approximate == "tanh" else "gelu"
+                    fold.extend(nodes)
+                    value = out
+            q = only_use(value)
+            if q is None or q.op_type != "QuantizeLinear" or id(q) not in self.skipped:
+                continue
+            scale = _const(q.inputs[1])
+            zero = _const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros((), np.int8)
+            if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
+                continue
+            readers = [u.node for dq in q.outputs[0].uses() for u in dq.node.outputs[0].uses()]
+            if not all(id(r) in self.islands and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
+                       and self.islands[id(r)].x_zero == int(zero.reshape(())) for r in readers):
+                continue
+            island.requant = (float(scale.reshape(())), int(zero.reshape(())) - (128 if zero.dtype == np.uint8 else 0))
+            island.activation = act
+            if extra_bias is not None:
+                island.fused = (island.fused[0], island.fused[1] + _to_torch(extra_bias.astype(np.float32), self.device))
+            self.skipped.update(id(n) for n in fold)
+            self.int8_values.add(value.name)
+            self.island_outputs[id(node)] = value.name
 
     def capture(self, **inputs) -> Callable[..., dict[str, Any]]:
         """Record one run on ``inputs`` as a CUDA graph; the returned function copies new
@@ -204,19 +309,63 @@ class LoweredProgram:
     def quantized_layers(self) -> int:
         return len(self.islands)
 
+    def compile(self, **options) -> LoweredProgram:
+        """Run through ``torch.compile`` from now on: on the first call with new input shapes
+        the program is traced to one FX graph (the integer GEMMs stay opaque ``qpass::int8_linear``
+        ops) and compiled, so activation quantization, casts and element-wise ops fuse into
+        their producers. ``options`` go to ``torch.compile``. Returns ``self``."""
+        for island in self.islands.values():
+            if island.fused is None:
+                island.fuse()
+        self._chain_requant()
+        self._compile_options = options
+        return self
+
+    def _compiled_for(self, tensors: dict[str, Any]):
+        torch = _torch()
+        key = tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
+        if key not in self._compiled:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            global _TRACING
+            names = list(tensors)
+
+            def run(*args):
+                return tuple(self._run(dict(zip(names, args))))
+
+            _TRACING = True
+            try:
+                with torch.no_grad():
+                    traced = make_fx(run)(*tensors.values())
+            finally:
+                _TRACING = False
+            self._compiled[key] = torch.compile(traced, **self._compile_options)
+        return self._compiled[key]
+
     def __call__(self, **inputs) -> dict[str, Any]:
         torch = _torch()
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise PipelineError(f"missing model input '{missing[0]}' (inputs: {', '.join(self.input_names)})")
-        env = dict(self.constants)
+        tensors = {}
         for name in self.input_names:
             value = inputs[name]
             value = value.to(self.device) if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value), self.device)
-            env[name] = value.to(self.dtype) if value.dtype == torch.float32 else value
+            tensors[name] = value.to(self.dtype) if value.dtype == torch.float32 else value
+        if self._compile_options is None:
+            outputs = self._run(tensors)
+        else:
+            with torch.no_grad():
+                outputs = self._compiled_for(tensors)(*tensors.values())
+        return dict(zip(self.output_names, outputs))
+
+    def _run(self, tensors: dict[str, Any]) -> list[Any]:
+        torch = _torch()
+        env = dict(self.constants)
+        env.update(tensors)
         with torch.no_grad():
             self._run_graph(self.model.graph.__iter__(), env, top=True)
-        return {name: env[name].float() if env[name].dtype == self.dtype != torch.float32 else env[name] for name in self.output_names}
+        return [env[name].float() if env[name].dtype == self.dtype != torch.float32 else env[name] for name in self.output_names]
 
     def _run_graph(self, nodes, env: dict, top: bool = False) -> None:
         torch = _torch()
@@ -225,12 +374,15 @@ class LoweredProgram:
             if top and id(node) in self.skipped:
                 continue
             if top and id(node) in self.islands:
-                env[node.outputs[0].name] = _run_island(node, self.islands[id(node)], env)
+                env[self.island_outputs.get(id(node), node.outputs[0].name)] = self._run_island(node, self.islands[id(node)], env)
                 continue
             if top and id(node) in self.fake_quant:
                 source, scale, zero, lo, hi = self.fake_quant[id(node)]
                 x = env[source]
-                y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, lo, hi)
+                if _TRACING:
+                    y = ((torch.round(x.float() / scale) + zero).clamp(lo, hi) - zero) * scale
+                else:
+                    y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, lo, hi)
                 env[node.outputs[0].name] = y.to(x.dtype) if x.dtype != y.dtype else y
                 continue
             args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
@@ -244,6 +396,13 @@ class LoweredProgram:
                 outs = tuple(o.half() if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() else o for o in outs)
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
+
+    def _run_island(self, node: ir.Node, island: QuantizedLinear, env: dict):
+        x = env[node.inputs[0].producer().inputs[0].producer().inputs[0].name]  # before Q (or its int8 codes)
+        if node.op_type == "Conv":
+            return _conv_island(node, island, x)
+        y = island(x.reshape(-1, x.shape[-1]), self.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _run_function(self, function: ir.Function, args):
         env = {v.name: a for v, a in zip(function.inputs, args)}
@@ -326,15 +485,6 @@ def _match_island(node: ir.Node, device) -> QuantizedLinear | None:
     )
 
 
-def _run_island(node: ir.Node, island: QuantizedLinear, env: dict):
-    torch = _torch()
-    x_dq = node.inputs[0].producer()
-    x = env[x_dq.inputs[0].producer().inputs[0].name]  # the float tensor before Q
-    if node.op_type == "Conv":
-        return _conv_island(node, island, x)
-    lead = x.shape[:-1]
-    y = island(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*lead, y.shape[-1])
 
 
 def _conv_island(node: ir.Node, island: QuantizedLinear, x):

@@ -13,6 +13,9 @@ Epilogues (``EPILOGUE`` constexpr), applied to the int32 tile in registers:
      output tensor's dtype (float16 or float32);
   2  as 1, then requantized ``q = clamp(rint(y / out_scale) + out_zero, -128, 127)``, stored
      as int8 (round half to even, the IEEE division ``div_rn``, as ONNX QuantizeLinear).
+``ACTIVATION`` (constexpr) applies ReLU (1), erf GELU (2) or tanh GELU (3) to ``y`` after the
+bias, before the store or the requantization (a Linear -> GELU -> next Linear chain then
+writes int8 codes once and never materializes the float activation).
 
 ``_int8_gemm_kernel`` is the general kernel (pointer loads, any shape and strides, grouped
 tile order for L2 reuse; configs for M <= 16 use 16-row tiles and long K tiles so the
@@ -78,7 +81,8 @@ def _prune_ptr(configs, named_args, **kwargs):
 
 @triton.jit
 def _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_scale, out_zero, c_ptr,
-                   EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACTIVATION: tl.constexpr):
     """The int32 tile -> the output tile (int32 | float | int8), in registers."""
     if EPILOGUE == 0:
         tile = acc
@@ -98,6 +102,12 @@ def _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_scale, out_z
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rn, mask=mask_n, other=0.0)
             y = y + bias[None, :]
+        if ACTIVATION == 1:
+            y = tl.maximum(y, 0.0)
+        elif ACTIVATION == 2:
+            y = 0.5 * y * (1.0 + libdevice.erf(y * 0.7071067811865476))
+        elif ACTIVATION == 3:
+            y = 0.5 * y * (1.0 + libdevice.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
         if EPILOGUE == 1:
             tile = y.to(c_ptr.dtype.element_ty)
         else:
@@ -115,9 +125,10 @@ def _store_tile(tile, rm, rn, M, N, c_ptr, stride_cm, stride_cn):
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, c_ptr, stride_cm, stride_cn, as_ptr, bs_ptr, bias_ptr, out_scale, out_zero,
-              EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
+              EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr):
     tile = _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_scale, out_zero, c_ptr,
-                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS)
+                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
     _store_tile(tile, rm, rn, M, N, c_ptr, stride_cm, stride_cn)
 
 
@@ -128,7 +139,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                       out_scale, out_zero, M_BUCKET,
                       EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -163,7 +174,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
         b_ptrs += BLOCK_K * stride_bk
 
     _epilogue(acc, rm, rn, M, N, c_ptr, stride_cm, stride_cn, as_ptr, bs_ptr, bias_ptr, out_scale, out_zero,
-              EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS)
+              EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
 
 
 def _tma_cfg(bm, bn, bk, stages, warps):
@@ -197,7 +208,7 @@ def _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, stride_cm, stride_cn,
                           out_scale, out_zero, M_BUCKET,
                           EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, C_TMA: tl.constexpr, NUM_SMS: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, C_TMA: tl.constexpr, NUM_SMS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -221,7 +232,7 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_pt
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tile = _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_scale, out_zero, c_ptr,
-                              EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS)
+                              EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
         if C_TMA:
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tile)  # async; clipped at the edges
         else:
@@ -240,8 +251,11 @@ def _num_sms(device) -> int:
     return _NUM_SMS[dev]
 
 
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
 def launch(a, b_t, c, a_scale, b_scale, bias, epilogue: int, out_scale: float, out_zero: int, kernel: str,
-           config: dict | None = None) -> None:
+           config: dict | None = None, activation: str | None = None) -> None:
     """Launch one kernel ("ptr" or "tma") on CUDA tensors validated by the caller.
 
     ``config`` (BLOCK_M/N/K, GROUP_M, num_stages, num_warps) bypasses the autotuner of the
@@ -256,7 +270,7 @@ def launch(a, b_t, c, a_scale, b_scale, bias, epilogue: int, out_scale: float, o
     flags = dict(EPILOGUE=epilogue,
                  A_PER_ROW=a_scale is not None and a_scale.numel() > 1,
                  B_PER_COL=b_scale is not None and b_scale.numel() > 1,
-                 HAS_BIAS=bias is not None)
+                 HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation])
     mb = m_bucket(M)
     if kernel == "tma":
         sms = _num_sms(a.device)

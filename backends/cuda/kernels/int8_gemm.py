@@ -3,7 +3,7 @@
 Semantics (the Triton kernel and the CPU reference compute the same thing)::
 
     acc[m, n] = sum_k int32(a_q[m, k]) * int32(b_q_t[n, k])              exact int32
-    y[m, n]   = (float32(acc[m, n]) * a_scale[m]) * b_scale[n] + bias[n]  float32
+    y[m, n]   = act((float32(acc[m, n]) * a_scale[m]) * b_scale[n] + bias[n])  float32
     out       = y.to(out_dtype)                                           float16 | float32
     out_q     = clamp(rint(y / out_scale) + out_zero, -128, 127)          int8 (requant)
 
@@ -16,6 +16,8 @@ Semantics (the Triton kernel and the CPU reference compute the same thing)::
   ALGORITHMS.md §11.4's CUDA option, so no int32 bias overflow).
 * ``out_dtype=torch.int32`` returns the raw accumulator (scales ignored): the
   lowering's zero-point correction path uses it.
+* ``activation``: None, "relu", "gelu" (erf) or "gelu_tanh", applied to ``y`` before the
+  store or the requantization (GELU within float32 rounding of the reference).
 * ``requant=(out_scale, out_zero)`` returns int8 codes: ORT's QLinearMatMul semantics,
   "float multiply then round half to even" (§11.5), ``rint`` never round-half-away (§0.2).
 
@@ -32,6 +34,7 @@ fp16 fallback is needed). On CPU tensors, or without triton, the reference runs 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -49,7 +52,8 @@ def _rint_requant(y: np.ndarray, out_scale: float, out_zero: int) -> np.ndarray:
 
 def int8_gemm_numpy(a_q: np.ndarray, b_q_t: np.ndarray, a_scale: np.ndarray | None = None,
                     b_scale: np.ndarray | None = None, bias: np.ndarray | None = None,
-                    out_dtype: Any = np.float32, requant: tuple[float, int] | None = None) -> np.ndarray:
+                    out_dtype: Any = np.float32, requant: tuple[float, int] | None = None,
+                    activation: str | None = None) -> np.ndarray:
     """NumPy reference of :func:`int8_gemm` (module docstring); ``out_dtype`` a numpy dtype."""
     a_q, b_q_t = np.asarray(a_q), np.asarray(b_q_t)
     if a_q.dtype != np.int8 or b_q_t.dtype != np.int8:
@@ -71,9 +75,24 @@ def int8_gemm_numpy(a_q: np.ndarray, b_q_t: np.ndarray, a_scale: np.ndarray | No
     y = y * sb[None, :]
     if bias is not None:
         y = y + np.asarray(bias, np.float32).reshape(1, -1)
+    y = _activate(y, activation)
     if requant is not None:
         return _rint_requant(y, *requant)
     return y.astype(out_dtype)
+
+
+def _activate(y: np.ndarray, activation: str | None) -> np.ndarray:
+    if activation is None:
+        return y
+    if activation == "relu":
+        return np.maximum(y, np.float32(0))
+    if activation == "gelu":
+        erf = np.frompyfunc(math.erf, 1, 1)(y.astype(np.float64) / math.sqrt(2)).astype(np.float64)
+        return (0.5 * y * (1.0 + erf)).astype(np.float32)
+    if activation == "gelu_tanh":
+        y64 = y.astype(np.float64)
+        return (0.5 * y64 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3)))).astype(np.float32)
+    raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
 
 
 def _torch():
@@ -85,7 +104,7 @@ def _torch():
 _NP_OF = {"torch.float16": np.float16, "torch.float32": np.float32, "torch.int32": np.int32, "torch.int8": np.int8}
 
 
-def int8_gemm_reference(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None, requant=None):
+def int8_gemm_reference(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None, requant=None, activation=None):
     """CPU reference with :func:`int8_gemm`'s signature: torch tensors in (any device), torch
     tensors out on the same device. Exact int32 accumulation, float32 epilogue, rint."""
     torch = _torch()
@@ -96,7 +115,7 @@ def int8_gemm_reference(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_d
         return None if t is None else t.detach().cpu().numpy()
 
     out = int8_gemm_numpy(np_(a_q), np_(b_q_t), np_(a_scale), np_(b_scale), np_(bias),
-                          _NP_OF[str(out_dtype)] if requant is None else np.int8, requant)
+                          _NP_OF[str(out_dtype)] if requant is None else np.int8, requant, activation)
     return torch.from_numpy(out).to(dev)
 
 
@@ -109,7 +128,7 @@ def _triton_available() -> bool:
 
 
 def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None, requant=None, *,
-              backend: str = "auto", config: dict | None = None):
+              activation: str | None = None, backend: str = "auto", config: dict | None = None):
     """int8 GEMM with fused epilogue (see the module docstring for layout and numerics).
 
     ``out_dtype``: ``torch.float16`` (default), ``torch.float32`` or ``torch.int32`` (raw
@@ -124,11 +143,15 @@ def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None,
         raise TypeError(f"int8_gemm: operands must be int8, got {a_q.dtype} and {b_q_t.dtype}")
     if a_q.dim() != 2 or b_q_t.dim() != 2 or a_q.shape[1] != b_q_t.shape[1]:
         raise ValueError(f"int8_gemm: a_q [M, K] and b_q_t [N, K] expected, got {tuple(a_q.shape)} and {tuple(b_q_t.shape)}")
+    if activation not in (None, "relu", "gelu", "gelu_tanh"):
+        raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
+    if activation is not None and requant is None and out_dtype == torch.int32:
+        raise ValueError("int8_gemm: an activation needs a float or requantized output, not the raw int32 accumulator")
     if requant is None and out_dtype not in (torch.float16, torch.float32, torch.int32):
         raise ValueError(f"int8_gemm: out_dtype must be float16, float32 or int32, got {out_dtype}")
     use_ref = backend == "reference" or not a_q.is_cuda or (backend == "auto" and not _triton_available())
     if use_ref:
-        return int8_gemm_reference(a_q, b_q_t, a_scale, b_scale, bias, out_dtype, requant)
+        return int8_gemm_reference(a_q, b_q_t, a_scale, b_scale, bias, out_dtype, requant, activation)
     from . import _triton_int8_gemm as tk
 
     M, K = a_q.shape
@@ -147,7 +170,7 @@ def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None,
 
     def vec(t, n, name):
         if t is None:
-            return None if epilogue == 0 or name == "bias" else torch.ones(1, device=dev, dtype=torch.float32)
+            return None if epilogue == 0 or name == "bias" else _ones(dev)
         t = t.reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
         if t.numel() not in ((1, n) if name != "bias" else (n,)):
             raise ValueError(f"int8_gemm: {name} has {t.numel()} entries, expected {n}" + (" or 1" if name != "bias" else ""))
@@ -170,14 +193,24 @@ def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None,
         kernel = "tma" if _use_tma(M, N, dev) and not _TMA_FAILED and tk.tma_supported(a_q, b_q_t) else "ptr"
     if kernel == "tma" and backend != "tma":
         try:
-            tk.launch(a_q, b_q_t, c, sa, sb, bias_, epilogue, out_scale, out_zero, "tma")
+            tk.launch(a_q, b_q_t, c, sa, sb, bias_, epilogue, out_scale, out_zero, "tma", activation=activation)
             return c
         except Exception as e:  # a triton without working TMA descriptors: keep the pointer kernel
             _TMA_FAILED.append(f"{type(e).__name__}: {e}")
             warnings.warn(f"int8_gemm: the TMA kernel failed ({_TMA_FAILED[0][:200]}); using the pointer kernel", RuntimeWarning, stacklevel=2)
             kernel = "ptr"
-    tk.launch(a_q, b_q_t, c, sa, sb, bias_, epilogue, out_scale, out_zero, kernel, config)
+    tk.launch(a_q, b_q_t, c, sa, sb, bias_, epilogue, out_scale, out_zero, kernel, config, activation)
     return c
+
+
+_ONES: dict = {}
+
+
+def _ones(device):
+    """A cached float32 [1] of ones per device (a missing scale): no fill kernel per call."""
+    if device not in _ONES:
+        _ONES[device] = _torch().ones(1, device=device, dtype=_torch().float32)
+    return _ONES[device]
 
 
 _TMA_FAILED: list[str] = []  # set once if the TMA kernel cannot run here
