@@ -8,12 +8,39 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qpass.errors import PipelineError
+from qpass.errors import PipelineError, VerificationError
 from qpass.model_io import load_model
-from qpass.pipeline import PassStats, Pipeline, PipelineResult
+from qpass.pipeline import PassStats, Pipeline, PipelineResult, check_graph
 from qpass.registry import load_recipe, parse_pipeline
 
-__all__ = ["run", "build_passes"]
+__all__ = ["run", "build_passes", "FORMATS", "check_format", "to_format"]
+
+FORMATS = ("qdq", "qoperator")
+
+
+def check_format(format: str, contrib_ops: bool = False) -> None:
+    """Raise a one-line error for an unknown output format, or contrib ops outside QOperator."""
+    if format not in FORMATS:
+        raise PipelineError(f"unknown output format '{format}': choose one of {', '.join(FORMATS)}")
+    if contrib_ops and format != "qoperator":
+        raise PipelineError("contrib ops are a QOperator option: use them with format 'qoperator'")
+
+
+def to_format(model: ir.Model, format: str = "qdq", *, contrib_ops: bool = False, verify: bool = True) -> ir.Model:
+    """``model`` itself for ``qdq``; for ``qoperator`` a lowered copy (see :mod:`qpass.backends.qoperator`),
+    checked with the ONNX checker unless ``verify`` is False."""
+    check_format(format, contrib_ops)
+    if format == "qdq":
+        return model
+    from qpass.backends.qoperator import to_qoperator
+
+    lowered = to_qoperator(model, contrib_ops=contrib_ops)
+    if verify:
+        try:
+            check_graph(lowered)
+        except Exception as e:
+            raise VerificationError(f"the QOperator model fails the ONNX checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return lowered
 
 
 def build_passes(
@@ -51,15 +78,22 @@ def run(
     context: Mapping[str, Any] | None = None,
     example_inputs: Any = None,
     on_pass: Callable[[PassStats], None] | None = None,
+    format: str = "qdq",
+    contrib_ops: bool = False,
 ) -> PipelineResult:
     """Load ``model`` (never edited: it is cloned or read from disk) and run a pipeline on it.
 
     recipe: a built-in recipe name or YAML file (default ``fold``); passes: a pipeline
     string (``"fold-constants,fuse-gelu"``) or pass instances, user-written ones included.
+    format: ``qdq`` (as the passes leave it) or ``qoperator`` (quantized islands lowered to
+    integer ops; ``contrib_ops`` also allows onnxruntime's ``com.microsoft`` ones).
     Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
     """
+    check_format(format, contrib_ops)
     ir_model = load_model(model, example_inputs)
     pipeline = Pipeline(
         build_passes(recipe, passes), verify=verify, probe_feeds=probe_feeds, context=context, on_pass=on_pass
     )
-    return pipeline.run(ir_model)
+    result = pipeline.run(ir_model)
+    result.model = to_format(result.model, format, contrib_ops=contrib_ops, verify=verify)
+    return result

@@ -146,6 +146,18 @@ def _stats_table(result, title: str) -> Table:
     return table
 
 
+_FORMAT_HELP = (
+    "Output form: 'qdq' (QuantizeLinear/DequantizeLinear around float ops; onnxruntime fuses them into "
+    "integer kernels) or 'qoperator' (the integer ops themselves: QLinearConv, QLinearMatMul, "
+    "MatMulInteger; default ONNX domain). Default: qdq."
+)
+_CONTRIB_HELP = (
+    "With --format qoperator: also emit onnxruntime's com.microsoft ops (QLinearAdd/Mul/Sigmoid/"
+    "LeakyRelu/Concat/AveragePool/GlobalAveragePool, QGemm, MatMulIntegerToFloat); the model then runs "
+    "on onnxruntime only."
+)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result (.onnx).")
@@ -157,10 +169,12 @@ def _stats_table(result, title: str) -> Table:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the per-pass statistics as JSON.")
 @click.option("-c", "--calib", type=click.Path(path_type=Path), help="Calibration data, for pipelines that quantize.")
 @click.option("--random-calib", type=int, default=0, metavar="N", help="Calibrate on N random samples instead (warns: accuracy will suffer).")
+@click.option("--format", "out_format", default="qdq", metavar="qdq|qoperator", help=_FORMAT_HELP)
+@click.option("--contrib-ops", is_flag=True, help=_CONTRIB_HELP)
 @click.pass_context
-def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify, report_path, calib, random_calib) -> None:
+def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify, report_path, calib, random_calib, out_format, contrib_ops) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTPUT."""
-    from qpass.api import build_passes
+    from qpass.api import build_passes, check_format, to_format
     from qpass.model_io import load_model, save_model
     from qpass.pipeline import Pipeline
 
@@ -170,6 +184,7 @@ def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify,
         from qpass.errors import OutputError
 
         raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
+    check_format(out_format, contrib_ops)
     passes = build_passes(recipe, pass_list, add=add_pass, remove=remove_pass)
     ir_model = load_model(model)
     context, probe = {"progress": _progress(ctx.obj["quiet"])}, None
@@ -181,6 +196,7 @@ def run(ctx, model, output, recipe, pass_list, add_pass, remove_pass, no_verify,
         context["calibration"] = load_calibration(calib, ir_model, random_samples=random_calib)
         probe = next(iter(context["calibration"]))
     result = Pipeline(passes, verify=not no_verify, context=context, probe_feeds=probe).run(ir_model)
+    result.model = to_format(result.model, out_format, contrib_ops=contrib_ops, verify=not no_verify)
     save_model(result.model, output, input_path=model)
     if report_path:
         write_text(report_path, json.dumps(result.to_dict(), indent=2))
@@ -234,14 +250,18 @@ def _progress(quiet: bool):
 @click.option("--no-verify", is_flag=True, help="Skip the checks after each pass.")
 @click.option("--report-json", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--report-html", type=click.Path(path_type=Path), help="Write the report as an HTML page with a per-layer SQNR chart.")
+@click.option("--format", "out_format", default="qdq", metavar="qdq|qoperator", help=_FORMAT_HELP)
+@click.option("--contrib-ops", is_flag=True, help=_CONTRIB_HELP)
 @click.pass_context
-def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_channel, observer, activation_dtype, weight_dtype, limit, no_verify, report_json, report_html) -> None:
-    """Quantize MODEL with calibration data and write a QDQ model onnxruntime runs with integer kernels."""
+def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_channel, observer, activation_dtype, weight_dtype, limit, no_verify, report_json, report_html, out_format, contrib_ops) -> None:
+    """Quantize MODEL with calibration data and write a model onnxruntime runs with integer kernels:
+    QDQ (default) or, with --format qoperator, integer operators."""
     import qpass
-    from qpass.api import build_passes
+    from qpass.api import build_passes, check_format
     from qpass.errors import CalibrationError, OutputError
     from qpass.passes.annotate_quant import weight_only
 
+    check_format(out_format, contrib_ops)
     no_data = calib is None and not random_calib
     if no_data and not weight_only(build_passes(recipe)):
         raise CalibrationError("quantizing needs calibration data: pass --calib DATA (or --random-calib N to try it out)")
@@ -260,6 +280,7 @@ def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_chann
         model, calib, recipe=recipe, random_calibration=random_calib, limit=limit, verify=not no_verify,
         progress=_progress(ctx.obj["quiet"]), exclude=tuple(exclude) or None, per_channel=per_channel,
         observer=observer, activation_dtype=activation_dtype, weight_dtype=weight_dtype,
+        format=out_format, contrib_ops=contrib_ops,
     )
     qpass.save_model(result.model, output, input_path=model)
     if report_json:

@@ -3,19 +3,20 @@
 Runs a quantizing recipe (default ``w8a8``) in two stages: the equivalence passes that
 canonicalize the float model, then the quantizing passes (annotation, calibration,
 Q/DQ insertion). The float graph between the stages is the reference for the per-layer
-report.
+report. The result is QDQ ONNX, or with ``format="qoperator"`` its lowering to integer ops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
-from qpass.api import build_passes
+from qpass.api import build_passes, check_format, to_format
 from qpass.errors import PipelineError
 from qpass.model_io import load_model
 from qpass.pipeline import PassStats, Pipeline, PipelineResult
@@ -50,6 +51,8 @@ def quantize(
     progress: Callable | None = None,
     on_pass: Callable[[PassStats], None] | None = None,
     example_inputs: Any = None,
+    format: str = "qdq",
+    contrib_ops: bool = False,
     **options: Any,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``calibration`` data (see :func:`qpass.calib_data.load_calibration`).
@@ -57,9 +60,15 @@ def quantize(
     ``options`` set fields of the recipe's ``annotate-quant`` pass: ``activation_dtype``,
     ``weight_dtype``, ``per_channel``, ``symmetric_activations``, ``observer``, ``percentile``,
     ``exclude`` (node names, op types or regexes), ``overrides``, ``op_types``.
+    ``format``: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops) or ``qoperator``
+    (QLinearConv, QLinearMatMul, MatMulInteger; ``contrib_ops`` adds onnxruntime's
+    ``com.microsoft`` QLinear ops). The report's per-layer SQNR is measured on the QDQ form
+    (the same integer function); its kernel census on the model returned.
     """
+    from qpass.backends.onnxruntime import fused_op_census
     from qpass.calib_data import load_calibration
 
+    check_format(format, contrib_ops)
     unknown = sorted(set(options) - set(_ANNOTATION_OPTIONS))
     if unknown:
         raise PipelineError(f"unknown quantization option '{unknown[0]}' (options: {', '.join(_ANNOTATION_OPTIONS)})")
@@ -82,7 +91,11 @@ def quantize(
     float_model = ir_model.clone()
     stage2 = Pipeline(pass_list[split:], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
     stats = stage1.stats + stage2.stats
-    result_report = build_report(float_model, ir_model, calib, census=report) if report else None
+    start = time.perf_counter()
+    out_model = to_format(ir_model, format, contrib_ops=contrib_ops, verify=verify)
+    seconds = stage1.seconds + stage2.seconds + time.perf_counter() - start
+    result_report = build_report(float_model, ir_model, calib, census=False) if report else None
     if result_report is not None:
+        result_report.fused = fused_op_census(out_model)
         result_report.passes = PipelineResult(ir_model, stats, 0.0, verify).to_dict()["passes"]
-    return QuantizeResult(ir_model, result_report, stats, float_model, stage1.seconds + stage2.seconds)
+    return QuantizeResult(out_model, result_report, stats, float_model, seconds)

@@ -201,3 +201,16 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "qpass.cli", "--debug", "inspect", str(path)], capture_output=True, text=True)
     assert "Traceback" in proc.stderr
+
+
+def test_output_format_option(small_model_path, tmp_path):
+    for command in ("run", "quantize"):
+        help_text = " ".join(invoke(command, "--help").output.split())
+        assert "--format qdq|qoperator" in help_text and "QLinearConv" in help_text and "--contrib-ops" in help_text
+    out = tmp_path / "o.onnx"
+    assert_user_error(invoke("run", small_model_path, "-o", out, "--format", "QOp"), "unknown output format 'QOp'", "qdq, qoperator")
+    assert_user_error(invoke("run", small_model_path, "-o", out, "--contrib-ops"), "format 'qoperator'")
+    assert not out.exists()
+    result = invoke("run", small_model_path, "-o", out, "--recipe", "fold", "--format", "qoperator")
+    assert result.exit_code == 0, result.output  # nothing quantized: nothing to lower, still a valid model
+    onnx.checker.check_model(onnx.load(out))
