@@ -148,8 +148,8 @@ def _stats_table(result, title: str) -> Table:
 
 _FORMAT_HELP = (
     "Output form: 'qdq' (QuantizeLinear/DequantizeLinear around float ops; onnxruntime fuses them into "
-    "integer kernels) or 'qoperator' (the integer ops themselves: QLinearConv, QLinearMatMul, "
-    "MatMulInteger; default ONNX domain). Default: qdq."
+    "integer kernels) or 'qoperator' (the integer ops themselves, default ONNX domain: QLinearConv, "
+    "QLinearMatMul; MatMul/Gemm islands QLinearMatMul cannot express stay QDQ). Default: qdq."
 )
 _CONTRIB_HELP = (
     "With --format qoperator: also emit onnxruntime's com.microsoft ops (QLinearAdd/Mul/Sigmoid/"

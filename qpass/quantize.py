@@ -61,8 +61,8 @@ def quantize(
     ``weight_dtype``, ``per_channel``, ``symmetric_activations``, ``observer``, ``percentile``,
     ``exclude`` (node names, op types or regexes), ``overrides``, ``op_types``.
     ``format``: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops) or ``qoperator``
-    (QLinearConv, QLinearMatMul, MatMulInteger; ``contrib_ops`` adds onnxruntime's
-    ``com.microsoft`` QLinear ops). The report's per-layer SQNR is measured on the QDQ form
+    (QLinearConv, QLinearMatMul; ``contrib_ops`` adds onnxruntime's ``com.microsoft`` QLinear
+    ops, QGemm and MatMulIntegerToFloat; see :func:`qpass.backends.qoperator.to_qoperator`). The report's per-layer SQNR is measured on the QDQ form
     (the same integer function); its kernel census on the model returned.
     """
     from qpass.backends.onnxruntime import fused_op_census
