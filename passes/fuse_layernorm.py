@@ -7,6 +7,8 @@ Matches:   m = ReduceMean(x, last axis); d = Sub(x, m); v = ReduceMean(Pow(d, 2)
 Rewrites:  LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps); gamma = 1, beta = 0 when absent.
 Preserves: the float function. Kept and counted: models below opset 17, normalizations over
            more than the last axis, intermediate values used elsewhere.
+Also:      :func:`match_layernorm` finds either form (fused, or decomposed at any opset) with
+           where its gamma and beta live, for the passes that rescale them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,38 @@ from qpass.graph_utils import (
 from qpass.model_io import opset_of
 from qpass.pass_base import Pass, PassReport
 
-__all__ = ["FuseLayerNormPass"]
+__all__ = ["FuseLayerNormPass", "LayerNormMatch", "match_layernorm", "through_identity"]
+
+
+def through_identity(value: ir.Value | None) -> ir.Value | None:
+    """The value an ``Identity`` chain forwards (``value`` itself when no Identity produces it)."""
+    while value is not None and is_op(value.producer(), "Identity"):
+        value = value.producer().inputs[0]
+    return value
+
+
+@dataclasses.dataclass
+class LayerNormMatch:
+    """A layer normalization over the last axis: ``output = normalized * gamma + beta``.
+
+    ``gamma_site``/``beta_site``: (node, input index) holding the constant, None when absent;
+    ``normalized``: the value before the affine (decomposed form), ``nodes``: every node of it.
+    """
+
+    output: ir.Value
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    gamma_site: tuple[ir.Node, int] | None
+    beta_site: tuple[ir.Node, int] | None
+    channels: int
+    nodes: list[ir.Node]
+    normalized: ir.Value
+    x: ir.Value
+    eps: float
+
+    @property
+    def fused(self) -> bool:
+        return len(self.nodes) == 1
 
 
 def _is_last_axis(node: ir.Node, x: ir.Value) -> bool:
@@ -42,7 +75,7 @@ def _is_last_axis(node: ir.Node, x: ir.Value) -> bool:
 
 def _channel_vector(value: ir.Value, channels: int | None) -> np.ndarray | None:
     """A constant broadcastable along the last axis only, as a 1-D array of ``channels``."""
-    array = const_array(value)
+    array = const_array(through_identity(value))
     if array is None or array.ndim == 0 or any(d != 1 for d in array.shape[:-1]):
         return None
     vector = array.reshape(-1)
@@ -51,8 +84,8 @@ def _channel_vector(value: ir.Value, channels: int | None) -> np.ndarray | None:
     return vector
 
 
-def _match(mean1: ir.Node):
-    """Return (nodes, x, eps, gamma, beta, output) for a layer norm starting at ``mean1``, or a reason."""
+def _match(mean1: ir.Node) -> LayerNormMatch | str:
+    """The decomposed layer norm starting at ``mean1``, or why there is none."""
     x = mean1.inputs[0]
     if not _is_last_axis(mean1, x):
         return "ReduceMean is not over the last axis"
@@ -86,23 +119,46 @@ def _match(mean1: ir.Node):
             return "deviation is not multiplied by 1/std"
         nodes.append(recip)
     nodes.append(divide)
-    out = divide.outputs[0]
+    out = normalized = divide.outputs[0]
     channels = x.shape[-1] if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int) else None
-    gamma = beta = None
+    gamma = beta = gamma_site = beta_site = None
     nxt = only_consumer(out)
     if is_op(nxt, "Mul") and (g := _channel_vector(other_input(nxt, out), channels)) is not None:
-        gamma, out = g, nxt.outputs[0]
+        gamma, gamma_site, out = g, (nxt, 1 if nxt.inputs[0] is out else 0), nxt.outputs[0]
         nodes.append(nxt)
         nxt = only_consumer(out)
     if is_op(nxt, "Add") and (b := _channel_vector(other_input(nxt, out), channels)) is not None:
-        beta, out = b, nxt.outputs[0]
+        beta, beta_site, out = b, (nxt, 1 if nxt.inputs[0] is out else 0), nxt.outputs[0]
         nodes.append(nxt)
     if channels is None:
         sizes = [v.size for v in (gamma, beta) if v is not None and v.size > 1]
         if not sizes:
             return "the normalized axis has no static size"
         channels = sizes[0]
-    return nodes, x, eps, gamma, beta, out, channels
+    return LayerNormMatch(out, gamma, beta, gamma_site, beta_site, channels, nodes, normalized, x, eps)
+
+
+def match_layernorm(node: ir.Node) -> LayerNormMatch | None:
+    """The layer norm that ``node`` is (a LayerNormalization over the last axis with constant
+    Scale and B) or starts (the first ReduceMean of a decomposed one), else None."""
+    if is_op(node, "ReduceMean"):
+        found = _match(node)
+        return None if isinstance(found, str) else found
+    if not is_op(node, "LayerNormalization") or len(node.inputs) < 2:
+        return None
+    x, out = node.inputs[0], node.outputs[0]
+    rank = x.shape.rank() if x.shape is not None else None
+    axis = node.attributes.get_int("axis", -1)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    gamma = const_array(through_identity(node.inputs[1]))
+    beta = const_array(through_identity(node.inputs[2])) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if gamma is None or (len(node.inputs) > 2 and node.inputs[2] is not None and beta is None):
+        return None
+    site = lambda i: (node, i)  # noqa: E731
+    return LayerNormMatch(out, gamma.reshape(-1), None if beta is None else beta.reshape(-1), site(1),
+                          site(2) if beta is not None else None, gamma.size, [node], out, x,
+                          node.attributes.get_float("epsilon", 1e-5))
 
 
 @dataclasses.dataclass
@@ -125,7 +181,8 @@ class FuseLayerNormPass(Pass):
                 if "ReduceMean" not in found:  # second ReduceMeans of other patterns are not worth counting
                     report.skipped[found] += 1
                 continue
-            nodes, x, eps, gamma, beta, out, channels = found
+            nodes, x, eps, gamma, beta, out, channels = (
+                found.nodes, found.x, found.eps, found.gamma, found.beta, found.output, found.channels)
             dtype = x.dtype.numpy() if x.dtype is not None else np.float32
             scale = np.broadcast_to(gamma if gamma is not None else 1.0, (channels,)).astype(dtype)
             bias = np.broadcast_to(beta if beta is not None else 0.0, (channels,)).astype(dtype)

@@ -1,12 +1,16 @@
 """RepQ-ViT: turn a per-channel post-LayerNorm quantizer into a per-tensor one, exactly.
 
-Matches:   LayerNormalization (constant Scale, optional B) whose output feeds only Linears —
-           MatMul with a constant [K, N] weight — (pre-LN blocks: ViT qkv and fc1). A LayerNorm
-           whose output also feeds anything else (post-LN, residual) is rejected and counted.
+Matches:   a LayerNorm over the last axis with a constant affine (``LayerNormalization``, or the
+           decomposed form of opset < 17 exports with its gamma ``Mul``) whose output feeds only
+           Linears — MatMul with a constant [K, N] weight, Gemm with transA = 0 — directly or
+           through Identity chains (pre-LN blocks: ViT qkv, fused or split, and fc1). Rejected and
+           counted: post-LN (the output also feeds anything else), a Linear weight shared with
+           another node, a decomposed LayerNorm without gamma, a MatMul output that is a graph output.
 Rewrites:  with the per-channel affine quantizer of the LN output calibrated at ``bits``
            (s_d, z_d from min/max), s~ = mean(s), z~ = round(mean(z)), r1 = s/s~, r2 = z - z~:
-           gamma' = gamma/r1, beta' = (beta + s*r2)/r1; each consumer weight row d *= r1_d and a
-           bias -(s*r2) @ W is added after it (folded into an existing constant bias Add).
+           gamma' = gamma/r1, beta' = (beta + s*r2)/r1 (an absent beta is created); each consumer
+           weight row d *= r1_d and the bias moves by -(s*r2) @ W: folded into an existing constant
+           bias Add (MatMul) or into C (Gemm, scaled by alpha/beta), else a new Add / C.
            Later per-tensor calibration of the LN output then sees the same codes the per-channel
            quantizer would (ALGORITHMS.md §2.2).
 Preserves: the float function (verified). Reports max(r1)/min(r1) per LayerNorm.
@@ -21,8 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import add_initializer, const_array, linear_weight, unique_name
+from qpass.graph_utils import add_initializer, const_array, unique_name
 from qpass.pass_base import Pass, PassReport
+from qpass.passes.smooth_quant import layernorm_groups, rewire_after, set_layernorm_affine
 
 __all__ = ["ReparameterizeLayerNormPass", "repq_ratios"]
 
@@ -48,47 +53,32 @@ class ReparameterizeLayerNormPass(Pass):
         graph = model.graph
         report = PassReport(model, False)
         groups = []
-        for ln in graph:
-            if ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx"):
-                continue
-            out = ln.outputs[0]
-            uses = out.uses()
-            linear = [u.node for u in uses if u.node.op_type == "MatMul" and linear_weight(u.node, out)]
-            if not linear:
-                continue
-            if any(n.outputs[0].is_graph_output() for n in linear):
-                report.skipped["a Linear output is a graph output"] += 1
-                continue
-            if len(linear) != len(uses) or out.is_graph_output():
+        for match, uses in layernorm_groups(graph, report):
+            if not uses.only_linears:
                 report.skipped["post-LN: the LayerNorm output also feeds non-Linear nodes"] += 1
-                continue
-            if ln.inputs[1] is None or ln.inputs[1].const_value is None or (len(ln.inputs) > 2 and ln.inputs[2] is not None and ln.inputs[2].const_value is None):
-                report.skipped["LayerNorm Scale/B not constant"] += 1
-                continue
-            groups.append((ln, linear))
+            elif match.gamma_site is None:
+                report.skipped["decomposed LayerNorm without a gamma Mul"] += 1
+            elif any(n.op_type == "MatMul" and n.outputs[0].is_graph_output() for n, _, _ in uses.linears):
+                report.skipped["a Linear output is a graph output"] += 1
+            else:
+                groups.append((match, uses.linears))
         if not groups:
             return report
-        stats = self.analysis(ActivationSamples(tuple(ln.outputs[0].name for ln, _ in groups)), model)
+        stats = self.analysis(ActivationSamples(tuple(m.output.name for m, _ in groups)), model)
         spreads = {}
-        for ln, linears in groups:
-            name = ln.outputs[0].name
+        for match, linears in groups:
+            name = match.output.name
             s, r1, r2 = repq_ratios(stats.minimum[name], stats.maximum[name], self.bits)
-            gamma = ln.inputs[1].const_value.numpy().astype(np.float64)
-            beta = ln.inputs[2].const_value.numpy().astype(np.float64) if len(ln.inputs) > 2 and ln.inputs[2] is not None else np.zeros_like(gamma)
-            dtype = ln.inputs[1].const_value.numpy().dtype
-            new_gamma = add_initializer(graph, f"{ln.inputs[1].name}_repq", (gamma / r1).astype(dtype))
-            new_beta = add_initializer(graph, f"{ln.name or name}_bias_repq", ((beta + s * r2) / r1).astype(dtype))
-            ln.replace_input_with(1, new_gamma)
-            if len(ln.inputs) > 2:
-                ln.replace_input_with(2, new_beta)
-            else:
-                ln.resize_inputs(3)
-                ln.replace_input_with(2, new_beta)
-            for node in linears:
-                w = node.inputs[1].const_value.numpy().astype(np.float64)
-                node.replace_input_with(1, add_initializer(graph, f"{node.inputs[1].name}_repq", (w * r1[:, None]).astype(dtype)))
-                self._add_bias(graph, node, -(s * r2) @ w, dtype)
-            spreads[ln.name or name] = round(float(r1.max() / r1.min()), 3)
+            gamma = match.gamma.astype(np.float64)
+            beta = match.beta.astype(np.float64) if match.beta is not None else np.zeros_like(gamma)
+            dtype = match.gamma.dtype
+            set_layernorm_affine(graph, match, gamma / r1, (beta + s * r2) / r1)
+            for node, w, transposed in linears:
+                stored = w.const_value.numpy().astype(np.float64)
+                new = stored * (r1[None, :] if transposed else r1[:, None])
+                node.replace_input_with(1, add_initializer(graph, f"{w.name}_repq", new.astype(dtype)))
+                self._add_bias(graph, node, -(s * r2) @ (stored.T if transposed else stored), dtype)
+            spreads[match.nodes[0].name or name] = round(float(r1.max() / r1.min()), 3)
             report.rewritten += 1
         report.details = {"r1_spread": spreads, "bits": self.bits}
         report.modified = True
@@ -98,9 +88,21 @@ class ReparameterizeLayerNormPass(Pass):
     def _add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype) -> None:
         if not np.any(delta):
             return
+        if node.op_type == "Gemm":  # Y = alpha*A*B + beta*C: C moves by delta*alpha/beta
+            alpha, beta = node.attributes.get_float("alpha", 1.0), node.attributes.get_float("beta", 1.0)
+            c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            if c is not None and beta != 0.0:
+                new = (c.astype(np.float64) + delta * alpha / beta).astype(dtype)
+                node.replace_input_with(2, add_initializer(graph, f"{node.inputs[2].name}_repq", new))
+                return
+            if c is None and (len(node.inputs) < 3 or node.inputs[2] is None):
+                node.resize_inputs(3)
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                node.replace_input_with(2, add_initializer(graph, f"{node.name or node.outputs[0].name}_repq_bias", (delta * alpha).astype(dtype)))
+                return
         out = node.outputs[0]
         uses = out.uses()
-        if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
+        if node.op_type == "MatMul" and len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
             add = uses[0].node
             other_index = 1 - uses[0].idx
             bias = const_array(add.inputs[other_index])
@@ -111,7 +113,4 @@ class ReparameterizeLayerNormPass(Pass):
         add = ir.node("Add", [out, value], name=f"{node.name or out.name}_repq_bias_add")
         add.outputs[0].name = unique_name(graph, f"{out.name}_repq")
         add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
-        users = [(u.node, u.idx) for u in out.uses()]
-        graph.insert_after(node, add)
-        for user, idx in users:
-            user.replace_input_with(idx, add.outputs[0])
+        rewire_after(graph, out, add)

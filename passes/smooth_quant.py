@@ -1,15 +1,18 @@
 """SmoothQuant: move activation outliers into the weights of the Linears after a LayerNorm.
 
-Matches:   LayerNormalization (constant Scale/B) whose output feeds Linears — MatMul with a
-           constant [K, N] weight, or Gemm with a constant weight — directly (Q/K/V share one
-           vector; FFN fc1 after the second LayerNorm). Weights used by other nodes are cloned.
+Matches:   a LayerNorm over the last axis with a constant affine — ``LayerNormalization`` or the
+           decomposed ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) of opset < 17
+           exports — whose output feeds Linears (MatMul with a constant [K, N] weight, Gemm with
+           transA = 0) directly or through Identity chains (Q/K/V share one vector, a fused QKV
+           Linear is one consumer; FFN fc1 after the second LayerNorm).
 Rewrites:  s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (W_j: max over every consumer's input
            channel j; s_j = 1 for dead channels); each consumer weight row j *= s_j (new
-           initializers). 1/s goes into the LayerNorm Scale and B when the Linears are its only
-           consumers (pre-LN); otherwise (post-LN: the output also feeds the residual) a
-           ``Mul(x, 1/s)`` is inserted on the Linear edges only.
-Preserves: the float function (verified). Counted: LayerNorms feeding no Linear, groups
-           rewritten, Muls inserted.
+           initializers). 1/s goes into gamma and beta when the Linears are the LayerNorm's only
+           consumers (pre-LN); otherwise (post-LN: the output also feeds the residual) or when a
+           decomposed LayerNorm has no gamma, a ``Mul(x, 1/s)`` is inserted on the Linear edges only.
+Preserves: the float function (verified). Left alone and counted: LayerNorms feeding no Linear,
+           groups where a Linear's weight is shared with another node (scaling it would change
+           the other user), groups no alpha improves. Counted: groups rewritten, Muls inserted.
 Needs:     ``ActivationSamples`` (calibration data) for max|X_j| and the alpha search.
 Options:   alpha: a fixed value in [0, 1], or None (default) to search 0.0..1.0 step 0.1 per
            group for the least MSE between the float and the W8A8 fake-quantized outputs of
@@ -25,12 +28,123 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import add_initializer, linear_weight, unique_name
+from qpass.graph_utils import add_initializer, is_op, unique_name
 from qpass.pass_base import Pass, PassReport
+from qpass.passes.fuse_layernorm import LayerNormMatch, match_layernorm, through_identity
 
-__all__ = ["SmoothQuantPass", "smoothing_factors"]
+__all__ = [
+    "SmoothQuantPass", "smoothing_factors", "LinearUses", "linear_uses", "linear_weight", "layernorm_groups",
+    "set_layernorm_affine", "rewire_after", "readers",
+]
 
 _EPS = 1e-5
+
+
+@dataclasses.dataclass
+class LinearUses:
+    """Who reads a value, looking through Identity chains: ``linears`` as (node, weight,
+    transposed), how many ``others``, whether it is a graph output, whether a weight is shared."""
+
+    linears: list[tuple[ir.Node, ir.Value, bool]]
+    others: int = 0
+    graph_output: bool = False
+    shared_weight: bool = False
+
+    @property
+    def only_linears(self) -> bool:
+        return bool(self.linears) and not self.others and not self.graph_output
+
+
+def readers(value: ir.Value) -> int:
+    """How many inputs read ``value``, counting through Identity chains (> 1: shared)."""
+    return sum(readers(u.node.outputs[0]) if is_op(u.node, "Identity") else 1 for u in value.uses())
+
+
+def linear_weight(node: ir.Node, value: ir.Value) -> tuple[ir.Value, bool] | None:
+    """(constant weight, stored transposed) when ``node`` is a Linear reading ``value`` as its
+    activation: MatMul with a 2-D weight, or Gemm with transA = 0; the weight may sit behind Identity."""
+    if not is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[0] is not value:
+        return None
+    w = through_identity(node.inputs[1])
+    if w is None or w.const_value is None or w.const_value.shape.rank() != 2:
+        return None
+    if node.op_type == "Gemm":
+        return None if node.attributes.get_int("transA", 0) else (w, bool(node.attributes.get_int("transB", 0)))
+    return w, False
+
+
+def linear_uses(value: ir.Value) -> LinearUses:
+    """The Linears and other readers of ``value`` (Identity chains followed)."""
+    result = LinearUses([])
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        result.graph_output |= v.is_graph_output()
+        for use in v.uses():
+            if is_op(use.node, "Identity"):
+                stack.append(use.node.outputs[0])
+            elif use.idx == 0 and (lw := linear_weight(use.node, v)) is not None:
+                result.linears.append((use.node, *lw))
+                result.shared_weight |= readers(lw[0]) > 1
+            else:
+                result.others += 1
+    return result
+
+
+def layernorm_groups(graph: ir.Graph, report: PassReport) -> list[tuple[LayerNormMatch, LinearUses]]:
+    """Every LayerNorm (fused or decomposed) feeding Linears with unshared weights; the rest counted."""
+    groups = []
+    for node in graph:
+        match = match_layernorm(node)
+        if match is None:
+            continue
+        uses = linear_uses(match.output)
+        if not uses.linears:
+            report.skipped["LayerNorm feeds no Linear"] += 1
+        elif uses.shared_weight:
+            report.skipped["a Linear weight is shared with another node"] += 1
+        else:
+            groups.append((match, uses))
+    return groups
+
+
+def rewire_after(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
+    """Insert ``node`` (reading ``value``) after the producer of ``value``; every other reader reads its output."""
+    users = [(u.node, u.idx) for u in value.uses() if u.node is not node]
+    graph.insert_after(value.producer(), node)
+    for user, idx in users:
+        user.replace_input_with(idx, node.outputs[0])
+
+
+def set_layernorm_affine(graph: ir.Graph, match: LayerNormMatch, gamma: np.ndarray, beta: np.ndarray | None) -> None:
+    """Give the LayerNorm new gamma (and beta) initializers; an absent beta becomes an ``Add``.
+
+    ``match.gamma_site`` must exist; the LayerNorm output must not be a graph output when beta is
+    created for a decomposed LayerNorm.
+    """
+    g_node, g_index = match.gamma_site
+    old = g_node.inputs[g_index]
+    dtype = match.gamma.dtype
+    shape = tuple(old.shape)[:-1] + (match.channels,) if old.shape is not None and old.shape.rank() else (match.channels,)
+    g_node.replace_input_with(g_index, add_initializer(graph, f"{old.name}_scaled", gamma.reshape(shape).astype(dtype)))
+    if beta is None:
+        return
+    if match.beta_site is not None:
+        b_node, b_index = match.beta_site
+        old = b_node.inputs[b_index]
+        shape = tuple(old.shape)[:-1] + (match.channels,) if old.shape is not None and old.shape.rank() else (match.channels,)
+        b_node.replace_input_with(b_index, add_initializer(graph, f"{old.name}_scaled", beta.reshape(shape).astype(dtype)))
+        return
+    value = add_initializer(graph, f"{g_node.name or match.output.name}_bias", beta.astype(dtype))
+    if match.fused:
+        g_node.resize_inputs(3)
+        g_node.replace_input_with(2, value)
+        return
+    out = match.output
+    add = ir.node("Add", [out, value], name=f"{out.producer().name or out.name}_bias")
+    add.outputs[0].name = unique_name(graph, f"{out.name}_biased")
+    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+    rewire_after(graph, out, add)
 
 
 def smoothing_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -46,17 +160,17 @@ def _fake_quant(x: np.ndarray, amax: np.ndarray | float, qmax: int) -> np.ndarra
     return np.clip(np.round(x / scale), -qmax, qmax) * scale
 
 
-def _w8a8_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
-    """Output MSE of per-tensor int8 activations x/s and per-channel int8 weights s*W."""
+def _w8a8_error(x: np.ndarray, w: np.ndarray, groups: np.ndarray, ref: np.ndarray, power: np.ndarray, s: np.ndarray) -> float:
+    """Summed relative output MSE of per-tensor int8 activations x/s and per-channel int8 weights
+    s*W, where ``w`` holds every consumer's columns side by side (column j belongs to consumer
+    ``groups[j]``, whose float output power is ``power``). Products run in float32: the error of
+    an 8-bit quantizer needs no more."""
     xs = x / s
-    xq = _fake_quant(xs, np.abs(xs).max(), 127)
-    err = 0.0
-    for w in weights:
-        ws = w * s[:, None]
-        wq = _fake_quant(ws, np.abs(ws).max(axis=0, keepdims=True), 127)
-        ref = x @ w
-        err += float(np.mean((xq @ wq - ref) ** 2)) / (float(np.mean(ref**2)) + 1e-30)
-    return err
+    xq = _fake_quant(xs, np.abs(xs).max(), 127).astype(np.float32)
+    ws = w * s[:, None]
+    wq = _fake_quant(ws, np.abs(ws).max(axis=0, keepdims=True), 127).astype(np.float32)
+    column_mse = np.mean(np.square(xq @ wq - ref), axis=0, dtype=np.float64)
+    return float(np.sum(np.bincount(groups, column_mse) / power))
 
 
 @dataclasses.dataclass
@@ -73,25 +187,14 @@ class SmoothQuantPass(Pass):
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
         report = PassReport(model, False)
-        groups = []
-        for ln in graph:
-            if ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx"):
-                continue
-            if any(v is None or v.const_value is None for v in ln.inputs[1:]) or ln.inputs[1] is None:
-                report.skipped["LayerNorm Scale/B not constant"] += 1
-                continue
-            out = ln.outputs[0]
-            linears = [(u.node, *lw) for u in out.uses() if u.idx == 0 and (lw := linear_weight(u.node, out))]
-            if not linears:
-                report.skipped["LayerNorm feeds no Linear"] += 1
-                continue
-            groups.append((ln, linears))
+        groups = layernorm_groups(graph, report)
         if not groups:
             return report
-        stats = self.analysis(ActivationSamples(tuple(ln.outputs[0].name for ln, _ in groups)), model)
+        stats = self.analysis(ActivationSamples(tuple(m.output.name for m, _ in groups)), model)
         alphas = []
-        for ln, linears in groups:
-            out = ln.outputs[0]
+        for match, uses in groups:
+            out = match.output
+            linears = uses.linears
             weights = [w.const_value.numpy().astype(np.float64) for _, w, _ in linears]
             weights = [w.T if t else w for w, (_, _, t) in zip(weights, linears)]  # [K, N]
             w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
@@ -104,12 +207,14 @@ class SmoothQuantPass(Pass):
             for node, w, transposed in linears:
                 scaled = w.const_value.numpy().astype(np.float64) * (s[None, :] if transposed else s[:, None])
                 node.replace_input_with(1, add_initializer(graph, f"{w.name}_smoothed", scaled.astype(w.const_value.numpy().dtype)))
-            only_linears = len(out.uses()) == len(linears) and not out.is_graph_output()
-            if only_linears:
-                self._fold_into_layernorm(graph, ln, s)
+            if uses.only_linears and match.gamma_site is not None:
+                set_layernorm_affine(graph, match, match.gamma / s, None if match.beta is None else match.beta / s)
             else:
-                self._insert_mul(graph, ln, [n for n, _, _ in linears], s)
+                self._insert_mul(graph, out, [n for n, _, _ in linears], s)
                 report.details["muls_inserted"] = report.details.get("muls_inserted", 0) + 1
+            forms = report.details.setdefault("forms", {})
+            form = "LayerNormalization" if match.fused else "decomposed"
+            forms[form] = forms.get(form, 0) + 1
             alphas.append(alpha)
             report.rewritten += 1
         report.details["alphas"] = [round(a, 2) for a in alphas]
@@ -120,28 +225,25 @@ class SmoothQuantPass(Pass):
     def _search(rows: np.ndarray, weights, a_absmax, w_absmax) -> float | None:
         """The alpha with the least W8A8 output error, or None when no smoothing is best."""
         x = rows.astype(np.float64)
-        best_error, best = _w8a8_error(x, weights, np.ones_like(a_absmax, dtype=np.float64)), None
+        w = np.concatenate(weights, axis=1)
+        groups = np.concatenate([np.full(m.shape[1], i) for i, m in enumerate(weights)])
+        ref = x.astype(np.float32) @ w.astype(np.float32)
+        power = np.bincount(groups, np.mean(np.square(ref), axis=0, dtype=np.float64)) + 1e-30
+        error = lambda s: _w8a8_error(x, w, groups, ref, power, s)  # noqa: E731
+        best_error, best = error(np.ones_like(a_absmax, dtype=np.float64)), None
         for a in np.round(np.arange(0, 1.01, 0.1), 2):
-            error = _w8a8_error(x, weights, smoothing_factors(a_absmax, w_absmax, a))
-            if error < best_error:
-                best_error, best = error, float(a)
+            error_a = error(smoothing_factors(a_absmax, w_absmax, a))
+            if error_a < best_error:
+                best_error, best = error_a, float(a)
         return best
 
     @staticmethod
-    def _fold_into_layernorm(graph: ir.Graph, ln: ir.Node, s: np.ndarray) -> None:
-        for index in (1, 2):
-            if index < len(ln.inputs) and ln.inputs[index] is not None:
-                old = ln.inputs[index]
-                array = old.const_value.numpy()
-                ln.replace_input_with(index, add_initializer(graph, f"{old.name}_smoothed", (array / s).astype(array.dtype)))
-
-    @staticmethod
-    def _insert_mul(graph: ir.Graph, ln: ir.Node, consumers: list[ir.Node], s: np.ndarray) -> None:
-        out = ln.outputs[0]
-        inv = add_initializer(graph, f"{out.name}_smooth_scale", (1.0 / s).astype(np.float32))
-        mul = ir.node("Mul", [out, inv], name=f"{ln.name or out.name}_smooth")
+    def _insert_mul(graph: ir.Graph, out: ir.Value, consumers: list[ir.Node], s: np.ndarray) -> None:
+        dtype = out.dtype.numpy() if out.dtype is not None else np.float32
+        inv = add_initializer(graph, f"{out.name}_smooth_scale", (1.0 / s).astype(dtype))
+        mul = ir.node("Mul", [out, inv], name=f"{out.producer().name or out.name}_smooth")
         mul.outputs[0].name = unique_name(graph, f"{out.name}_smoothed")
         mul.outputs[0].dtype, mul.outputs[0].shape = out.dtype, out.shape
-        graph.insert_after(ln, mul)
+        graph.insert_after(out.producer(), mul)
         for node in consumers:
             node.replace_input_with(0, mul.outputs[0])

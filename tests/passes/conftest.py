@@ -5,9 +5,13 @@ Every pass test uses the ``kit`` fixture:
     model, report = kit.apply(SomePass(), proto)   # qpass.load_model, then the pass
     kit.check_equivalent(proto, model)             # onnxruntime, optimizations off
     kit.check_unchanged(SomePass(), proto)         # a no-match: same bytes as a fresh load
+    proto = kit.torch_block("classic", opset=14)   # a tiny transformer block exported by torch
 """
 
 from __future__ import annotations
+
+import io
+import warnings
 
 import numpy as np
 import onnx
@@ -40,6 +44,68 @@ class PassKit:
             proto.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
         onnx.checker.check_model(proto, full_check=True)
         return proto
+
+    @staticmethod
+    def torch_block(
+        exporter: str = "classic", *, opset: int = 17, tokens_2d: bool = False, fused_qkv: bool = True,
+        pre_ln: bool = True, tied: bool = False, plain_ln: bool = False, d: int = 16, seed: int = 0,
+    ) -> onnx.ModelProto:
+        """A transformer block (attention + ReLU MLP) exported by ``torch.onnx.export``.
+
+        exporter: "classic" (TorchScript, ``dynamo=False``: Gemm for 2-D inputs, decomposed
+        LayerNorm below opset 17, Identity for deduplicated initializers) or "dynamo".
+        tokens_2d: input [tokens, d] (Gemm) instead of [batch, tokens, d]; fused_qkv: one
+        Linear then chunk; pre_ln: ViT-style, else BERT-style post-LN; tied: q and k share one
+        weight; plain_ln: LayerNorm weights left at 1/0 (the classic exporter shares them).
+        """
+        import torch
+
+        torch.manual_seed(seed)
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+                if fused_qkv:
+                    self.qkv = torch.nn.Linear(d, 3 * d)
+                else:
+                    self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+                    if tied:
+                        self.k.weight = self.q.weight
+                self.proj, self.fc1, self.fc2 = torch.nn.Linear(d, d), torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+                if not plain_ln:
+                    with torch.no_grad():
+                        for ln in (self.ln1, self.ln2):
+                            ln.weight.uniform_(0.5, 1.5)
+                            ln.weight[[2, 9]] *= 12.0  # outlier channels, as trained transformers have
+                            ln.bias.normal_(0, 0.5)
+
+            def attention(self, h):
+                q, k, v = self.qkv(h).chunk(3, dim=-1) if fused_qkv else (self.q(h), self.k(h), self.v(h))
+                return self.proj(torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v)
+
+            def forward(self, x):
+                if pre_ln:
+                    x = x + self.attention(self.ln1(x))
+                    return x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+                x = self.ln1(x + self.attention(x))
+                return self.ln2(x + self.fc2(torch.relu(self.fc1(x))))
+
+        example = torch.randn(*((6, d) if tokens_2d else (2, 6, d)))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                program = torch.onnx.export(Block().eval(), (example,), dynamo=True, opset_version=max(opset, 18), optimize=True, verbose=False)
+                return ir.to_proto(program.model)
+            f = io.BytesIO()
+            torch.onnx.export(Block().eval(), (example,), f, dynamo=False, opset_version=opset)
+        return onnx.load_from_string(f.getvalue())
+
+    def calibration(self, proto: onnx.ModelProto, n: int = 8) -> list[dict[str, np.ndarray]]:
+        """Seeded normal batches shaped like the model's (static) first input."""
+        inp = proto.graph.input[0]
+        shape = [dim.dim_value for dim in inp.type.tensor_type.shape.dim]
+        return [{inp.name: self.rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
     @staticmethod
     def apply(pass_: qpass.Pass, proto: onnx.ModelProto) -> tuple[ir.Model, qpass.PassReport]:

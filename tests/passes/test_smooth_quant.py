@@ -68,11 +68,7 @@ def test_pre_ln_folds_into_layernorm_and_keeps_the_function():
 
 @pytest.mark.parametrize("gemm", [False, True])
 def test_post_ln_inserts_mul_on_linear_edges_only(gemm):
-    proto = _block(post_ln=True, gemm=gemm)
-    if gemm:  # the Identity hides the LayerNorm from the Gemms: no group, counted
-        model, stats = _apply(proto, alpha=0.5)
-        assert stats.skipped == {"LayerNorm feeds no Linear": 1} and not stats.modified
-        return
+    proto = _block(post_ln=True, gemm=gemm)  # gemm: 2-D Gemms reached through an Identity
     model, stats = _apply(proto, alpha=0.5)
     assert stats.details["muls_inserted"] == 1 and stats.verification == "ok"
     mul = next(n for n in model.graph if n.op_type == "Mul")
@@ -114,3 +110,59 @@ def test_layernorm_feeding_non_linear_is_left_alone():
 def test_bad_alpha_is_rejected():
     with pytest.raises(ValueError):
         SmoothQuantPass(alpha=1.5)
+
+
+CLASSIC = [(opset, tokens_2d, fused) for opset in (14, 17) for tokens_2d in (False, True) for fused in (True, False)]
+
+
+@pytest.mark.parametrize("opset,tokens_2d,fused_qkv", CLASSIC)
+def test_classic_export_pre_ln_folds_into_both_layernorm_forms(kit, opset, tokens_2d, fused_qkv):
+    proto = kit.torch_block("classic", opset=opset, tokens_2d=tokens_2d, fused_qkv=fused_qkv)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ("Gemm" in ops) == tokens_2d and ("LayerNormalization" in ops) == (opset >= 17)
+    model = qpass.load_model(proto)
+    stats = Pipeline([SmoothQuantPass(alpha=0.5)], context={"calibration": kit.calibration(proto)}).run(model).stats[0]
+    assert stats.verification == "ok" and stats.rewritten == 2 and not stats.skipped
+    assert stats.details["forms"] == {"decomposed" if opset < 17 else "LayerNormalization": 2}
+    assert "muls_inserted" not in stats.details and "Mul" not in [n.op_type for n in model.graph if n.name.endswith("_smooth")]
+
+
+@pytest.mark.parametrize("exporter,opset", [("classic", 14), ("classic", 17), ("dynamo", 18)])
+def test_exported_post_ln_block_gets_muls_and_counts_the_output_norm(kit, exporter, opset):
+    proto = kit.torch_block(exporter, opset=opset, pre_ln=False)
+    model = qpass.load_model(proto)
+    stats = Pipeline([SmoothQuantPass(alpha=0.5)], context={"calibration": kit.calibration(proto)}).run(model).stats[0]
+    assert stats.verification == "ok" and stats.rewritten == 1 and stats.details["muls_inserted"] == 1
+    assert stats.skipped == {"LayerNorm feeds no Linear": 1}  # ln2 is the block output
+
+
+def test_deduplicated_layernorm_weights_behind_identity(kit):
+    # the classic exporter stores ln2's all-ones weight as Identity(ln1.weight)
+    proto = kit.torch_block("classic", opset=14, plain_ln=True)
+    assert [n.op_type for n in proto.graph.node][:2] == ["Identity", "Identity"]
+    model = qpass.load_model(proto)
+    stats = Pipeline([SmoothQuantPass(alpha=0.5)], context={"calibration": kit.calibration(proto)}).run(model).stats[0]
+    assert stats.verification == "ok" and stats.rewritten == 2 and "muls_inserted" not in stats.details
+
+
+@pytest.mark.parametrize("exporter,tokens_2d", [("classic", False), ("classic", True), ("dynamo", True)])
+def test_shared_weight_group_is_left_alone_and_counted(kit, exporter, tokens_2d):
+    proto = kit.torch_block(exporter, opset=17, fused_qkv=False, tied=True, tokens_2d=tokens_2d)
+    model = qpass.load_model(proto)
+    stats = Pipeline([SmoothQuantPass(alpha=0.5)], context={"calibration": kit.calibration(proto)}).run(model).stats[0]
+    assert stats.skipped == {"a Linear weight is shared with another node": 1}
+    assert stats.rewritten == 1 and stats.verification == "ok"  # only ln2 -> fc1
+
+
+def test_smoothing_improves_w8a8_on_a_classic_opset14_export(kit):
+    proto = kit.torch_block("classic", opset=14)
+    cal, ev = kit.calibration(proto, 16), kit.calibration(proto, 4)
+    out = proto.graph.output[0].name
+    ref = np.concatenate([run_model(qpass.load_model(proto), e)[out].ravel() for e in ev])
+    sq = {}
+    for recipe in ("w8a8", "smoothquant-w8a8"):
+        result = qpass.quantize(proto, cal, recipe=recipe, report=False)
+        sq[recipe] = sqnr_db(ref, np.concatenate([run_model(result.model, e)[out].ravel() for e in ev]))
+        if recipe != "w8a8":
+            assert next(s for s in result.stats if s.name == "smooth-quant").details["forms"] == {"decomposed": 2}
+    assert sq["smoothquant-w8a8"] > sq["w8a8"] + 1.0, sq
