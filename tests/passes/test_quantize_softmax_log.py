@@ -142,6 +142,8 @@ def test_parity_onnx_is_bit_identical_to_the_log_sqrt2_reference(inline, bits):
     assert report.rewritten == 1 and report.details["matmuls_split"] == 1
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMul") == 2 and "Add" in ops
+    parts = [n.inputs[0] for n in model.graph if n.op_type == "MatMul"]
+    assert all(v.meta["qpass.log_quantized"] == "log2-parity" for v in parts)  # later quantizers skip them
     if not inline:
         function = model.functions[("ai.qpass", f"LogSqrt2Parity_{bits}bit", "")]
         assert [v.name for v in function.outputs] == ["P_even", "P_odd"]
