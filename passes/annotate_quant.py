@@ -11,7 +11,9 @@ Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation in
            already marked and the output feeds something that runs on integers (so no Q/DQ
            pair is spent on a tensor that is only read in float: graph outputs and float
            heads stay float). Excluded: nodes whose name, op type or a ``re.fullmatch`` of
-           ``exclude`` matches.
+           ``exclude`` matches; values ``quantize-softmax-log`` already quantized (its
+           ``ai.qpass`` function's outputs, or its inline ops' outputs, marked
+           ``value.meta["qpass.log_quantized"]``) get no second, uniform quantizer.
 Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_spec"]``:
            activations ``activation_dtype`` per tensor (affine unless ``symmetric_activations``,
            observer ``observer``); weights ``weight_dtype`` symmetric narrow-range, per output
@@ -40,6 +42,7 @@ from collections import Counter
 import onnx_ir as ir
 
 from qpass.pass_base import Pass, PassReport
+from qpass.passes.quantize_softmax_log import QUANTIZED_KEY as LOG_QUANTIZED_KEY
 from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
 __all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis", "weight_only"]
@@ -92,6 +95,12 @@ def weight_only(passes) -> bool:
         p.activations or any(o.get("activations", False) for o in p.overrides.values()) for p in annotations
     )
     return bool(annotations) and not quantizes_activations and all(n in _DATA_FREE or n == "annotate-quant" for n in names)
+
+
+def _log_quantized(value: ir.Value) -> bool:
+    """Already quantized by a qpass quantizer (log2 / log-sqrt2 softmax: a function call or its
+    inline ops, marked ``qpass.log_quantized``): a uniform Q/DQ pair would quantize it twice."""
+    return bool(value.meta.get(LOG_QUANTIZED_KEY)) or (value.producer() is not None and value.producer().domain == "ai.qpass")
 
 
 def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
@@ -155,8 +164,8 @@ class AnnotateQuantPass(Pass):
         def mark(value: ir.Value | None, spec: QuantSpec) -> None:
             if value is None or value.meta.get(SPEC_KEY) is not None:
                 return
-            if value.producer() is not None and value.producer().domain == "ai.qpass":
-                return  # already quantized by a qpass quantizer (log2 softmax)
+            if _log_quantized(value):
+                return
             if value.const_value is None and (value.dtype is None or not value.dtype.is_floating_point()):
                 return
             value.meta[SPEC_KEY] = spec
@@ -237,7 +246,7 @@ class AnnotateQuantPass(Pass):
             follower = out.uses()[0].node if len(out.uses()) == 1 else None
             if node.op_type in ("Add", "Mul") and follower is not None and follower.op_type in ("Relu", "Clip"):
                 out = follower.outputs[0]
-            if out.is_graph_output() or SPEC_KEY in out.meta or not out.dtype or not out.dtype.is_floating_point():
+            if out.is_graph_output() or SPEC_KEY in out.meta or _log_quantized(out) or not out.dtype or not out.dtype.is_floating_point():
                 continue
             out.meta[SPEC_KEY] = self._act_spec(self._options_for(node))
             candidates.append((node, out))

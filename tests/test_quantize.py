@@ -251,3 +251,29 @@ def test_cli_quantize_bad_calibration(tmp_path):
         assert result.exit_code == 2, result.output
         assert result.output.startswith("qpass: error:") and fragment in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("deploy", ["direct", "log2-parity"])
+def test_inline_log_quantized_softmax_gets_no_second_qdq(deploy):
+    """quantize-softmax-log(inline=true) emits standard ops whose outputs are already log-quantized
+    (value.meta "qpass.log_quantized"): annotate-quant leaves them alone, V still gets its pair."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "Wq"], ["scores"], name="qk"),
+         helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1),
+         helper.make_node("MatMul", ["x", "Wv"], ["v"], name="proj_v"),
+         helper.make_node("MatMul", ["p", "v"], ["o"], name="pv")],
+        "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in ("Wq", "Wv")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    passes = f"quantize-softmax-log(inline=true,deploy={deploy}),annotate-quant,insert-qdq"
+    model = qpass.quantize(proto, _calib(proto, 4), passes=passes, report=False).model
+    logq = [v for n in model.graph for v in n.outputs if v.meta.get("qpass.log_quantized")]
+    assert len(logq) == (2 if deploy == "log2-parity" else 1)
+    for value in logq:
+        assert value.uses() and all(u.node.op_type == "MatMul" for u in value.uses())  # read directly: no Q/DQ
+    pv = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0] in logq]
+    assert pv and all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in pv)  # V is quantized
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == 2  # x and V only
