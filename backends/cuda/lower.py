@@ -13,7 +13,14 @@ torch one by one; an op without a mapping is a one-line :class:`~qpass.errors.Pi
 naming it. ``dtype="float16"`` runs the float ops in half precision (the integer islands
 are unchanged; outputs come back as float32): faster, no longer bit-comparable with
 onnxruntime's float32 ops.
-Model-local functions (``ai.qpass`` log quantizers) are run from their bodies.
+Weight-only islands — ``MatMul | Gemm <- DequantizeLinear(int4, block_size=G)`` (the ``w4a16``
+recipe) — keep the codes packed two per byte on the GPU and run the W4A16 kernel at decode
+shapes (a dense float16 GEMM on the dequantized weight above 16 rows); on the CPU the
+block-wise DequantizeLinear runs op by op. ``LoweredProgram.compile()`` traces the program into
+one graph for ``torch.compile`` (the GEMMs stay opaque custom ops), and a quantized Linear whose
+output only feeds (bias Add, ReLU/GELU and) the next quantized Linears writes that Linear's int8
+codes straight from its epilogue. Model-local functions (``ai.qpass`` log quantizers) are run from
+their bodies.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import onnx_ir as ir
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array
 
-__all__ = ["lower", "LoweredProgram", "QuantizedLinear"]
+__all__ = ["lower", "LoweredProgram", "QuantizedLinear", "WeightOnlyLinear"]
 
 
 def _torch():
@@ -109,6 +116,95 @@ class QuantizedLinear:
         self.fused = (scale.float().contiguous(), bias.float().contiguous())
 
 
+@dataclasses.dataclass
+class WeightOnlyLinear:
+    """A W4A16 island on the GPU: y = x @ (q * s) (+ bias), int4 codes packed two per byte
+    ([N, K/2], K-major) with one scale per output channel and group of K. Decode shapes
+    (M <= 16) run the Triton W4A16 kernel; larger M dequantizes the weight to float16 and
+    uses a dense GEMM, which is faster there (kernels/w4a16_gemm.py)."""
+
+    w_packed: Any  # uint8 [N, K // 2]
+    scales: Any  # float32 [N, K // group]
+    bias: Any | None  # float32 [N]
+    group: int
+
+    def __call__(self, x2d, out_dtype=None):
+        torch = _torch()
+        out_dtype = out_dtype or x2d.dtype
+        if _TRACING:
+            y = _weight_only_op()(x2d.half(), self.w_packed, self.scales, self.bias, self.group)
+        else:
+            y = _weight_only_gemm(x2d.half(), self.w_packed, self.scales, self.bias, self.group)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _weight_only_gemm(x, w_packed, scales, bias, group):
+    torch = _torch()
+    from qpass.backends.cuda.kernels import unpack_int4, w4a16_gemm
+
+    if x.shape[0] <= 16:
+        return w4a16_gemm(x, w_packed, scales, bias, group)
+    w = (unpack_int4(w_packed).to(torch.float16).view(w_packed.shape[0], -1, group) * scales.half()[:, :, None]).view(w_packed.shape[0], -1)
+    y = x @ w.t()
+    return y + bias.half() if bias is not None else y
+
+
+_WEIGHT_ONLY_OP: list = []
+
+
+def _weight_only_op():
+    """``qpass::w4a16_linear``: the weight-only GEMM as an opaque op for traced programs."""
+    if not _WEIGHT_ONLY_OP:
+        torch = _torch()
+
+        @torch.library.custom_op("qpass::w4a16_linear", mutates_args=(),
+                                 schema="(Tensor x, Tensor w_packed, Tensor scales, Tensor? bias, int group) -> Tensor")
+        def w4a16_linear(x, w_packed, scales, bias, group):
+            return _weight_only_gemm(x, w_packed, scales, bias, group)
+
+        @w4a16_linear.register_fake
+        def _(x, w_packed, scales, bias, group):
+            return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=torch.float16)
+
+        _WEIGHT_ONLY_OP.append(w4a16_linear)
+    return _WEIGHT_ONLY_OP[0]
+
+
+def _match_weight_only(node: ir.Node, device) -> WeightOnlyLinear | None:
+    """MatMul / Gemm(transB=0) reading DequantizeLinear(int4 [K, N], scale [K/G, N], axis=0,
+    block_size=G) with no zero-point, K a multiple of G and G a power of two >= 32."""
+    torch = _torch()
+    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_int("transB", 0)
+                                   or node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
+        return None
+    dq = node.inputs[1].producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or (len(dq.inputs) > 2 and dq.inputs[2] is not None):
+        return None
+    group, data = dq.attributes.get_int("block_size", 0), dq.inputs[0].const_value
+    scale = _const(dq.inputs[1])
+    if not group or data is None or data.dtype != ir.DataType.INT4 or scale is None or len(data.shape) != 2:
+        return None
+    k, n = data.shape
+    if dq.attributes.get_int("axis", 1) % 2 != 0 or k % group or group < 32 or group & (group - 1) or scale.shape != (k // group, n):
+        return None
+    from qpass.backends.cuda.kernels import pack_int4
+
+    bias = None
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _const(node.inputs[2])
+        if bias is None or bias.size != n:
+            return None
+        bias = torch.from_numpy(bias.astype(np.float32).reshape(-1)).to(device)
+    q_t = np.ascontiguousarray(data.numpy().astype(np.int8).T)  # [N, K]
+    return WeightOnlyLinear(
+        w_packed=torch.from_numpy(pack_int4(q_t)).to(device),
+        scales=torch.from_numpy(np.ascontiguousarray(scale.astype(np.float32).T)).to(device),
+        bias=bias, group=group,
+    )
+
+
 _TRACING = False  # True while LoweredProgram.compile traces: plain torch ops and the custom GEMM op
 _LINEAR_OP: list = []
 
@@ -169,19 +265,23 @@ class LoweredProgram:
         for name, value in model.graph.initializers.items():
             if value.const_value is not None:
                 array = value.const_value.numpy()
+                if array.dtype.name in ("int4", "uint4"):  # ml_dtypes 4-bit: one code per int8/uint8
+                    array = array.astype(np.int8 if array.dtype.name == "int4" else np.uint8)
                 if self.dtype == torch.float16 and array.dtype == np.float32 and array.ndim > 0:
                     array = array.astype(np.float16)  # 0-d scales stay float32
                 # shapes, axes and starts stay on the host: reading them never waits for the GPU
                 host = value.uses() and all((u.node.op_type, u.idx) in _SHAPE_INPUTS for u in value.uses())
                 self.constants[name] = _to_torch(array, cpu if host else self.device)
-        self.islands: dict[int, QuantizedLinear] = {}
+        self.islands: dict[int, QuantizedLinear | WeightOnlyLinear] = {}
         self._compile_options: dict | None = None
         self._compiled: dict[tuple, Callable] = {}
         self.functions = {(f.domain, f.name): f for f in model.functions.values()}
         for node in model.graph:
             island = _match_island(node, self.device)
+            if island is None and self.device.type == "cuda":
+                island = _match_weight_only(node, self.device)
             if island is not None:
-                if self.device.type == "cuda":
+                if self.device.type == "cuda" and isinstance(island, QuantizedLinear):
                     island.fuse()
                 self.islands[id(node)] = island
         # Q/DQ nodes read only by islands (which quantize the float input themselves) are not run
@@ -226,7 +326,7 @@ class LoweredProgram:
         int8 codes the next islands read (no float activation in memory)."""
         from qpass.passes.fuse_gelu import match_gelu
 
-        if self.int8_values or any(i.fused is None for i in self.islands.values()):
+        if self.int8_values or any(isinstance(i, QuantizedLinear) and i.fused is None for i in self.islands.values()):
             return
         gelus = {}
         for node in self.model.graph:
@@ -240,7 +340,7 @@ class LoweredProgram:
 
         for node in self.model.graph:
             island = self.islands.get(id(node))
-            if island is None or node.op_type == "Conv":
+            if not isinstance(island, QuantizedLinear) or node.op_type == "Conv":
                 continue
             value, fold, extra_bias, act = node.outputs[0], [], None, None
             nxt = only_use(value)
@@ -268,7 +368,7 @@ class LoweredProgram:
             if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
                 continue
             readers = [u.node for dq in q.outputs[0].uses() for u in dq.node.outputs[0].uses()]
-            if not all(id(r) in self.islands and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
+            if not all(isinstance(self.islands.get(id(r)), QuantizedLinear) and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
                        and self.islands[id(r)].x_zero == int(zero.reshape(())) for r in readers):
                 continue
             island.requant = (float(scale.reshape(())), int(zero.reshape(())) - (128 if zero.dtype == np.uint8 else 0))
@@ -315,7 +415,7 @@ class LoweredProgram:
         ops) and compiled, so activation quantization, casts and element-wise ops fuse into
         their producers. ``options`` go to ``torch.compile``. Returns ``self``."""
         for island in self.islands.values():
-            if island.fused is None:
+            if isinstance(island, QuantizedLinear) and island.fused is None:
                 island.fuse()
         self._chain_requant()
         self._compile_options = options
@@ -397,8 +497,11 @@ class LoweredProgram:
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
 
-    def _run_island(self, node: ir.Node, island: QuantizedLinear, env: dict):
-        x = env[node.inputs[0].producer().inputs[0].producer().inputs[0].name]  # before Q (or its int8 codes)
+    def _run_island(self, node: ir.Node, island, env: dict):
+        if isinstance(island, WeightOnlyLinear):
+            x = env[node.inputs[0].name]
+        else:
+            x = env[node.inputs[0].producer().inputs[0].producer().inputs[0].name]  # before Q (or its int8 codes)
         if node.op_type == "Conv":
             return _conv_island(node, island, x)
         y = island(x.reshape(-1, x.shape[-1]), self.dtype)
@@ -524,6 +627,12 @@ def _q(node, x, scale, zero=None):
 
 def _dq(node, x, scale, zero=None):
     axis = _attr(node, "axis", 1)
+    block = _attr(node, "block_size", 0)
+    if block:  # blocked: each scale covers `block` consecutive entries along axis (the last may be short)
+        axis %= x.dim()
+        scale = scale.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
+        zero = zero.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis]) if zero is not None else None
+        return (x.float() - (zero.float() if zero is not None else 0.0)) * scale.float()
     shape = _bshape(x, scale, axis)
     z = zero.reshape(shape).float() if zero is not None else 0.0
     return (x.float() - z) * scale.reshape(shape).float()
