@@ -30,6 +30,13 @@ Rewrites:  sets a :class:`qpass.schemes.QuantSpec` on ``value.meta["qpass.quant_
            weights, weights that are not 2-D float32 are then left float (counted as skipped):
            onnxruntime has no block-wise conv kernel, and its ``MatMulNBits`` fusion wants 2-D
            weights and G a power of two >= 16.
+           ``weight_observer``: ``minmax`` (default: round-to-nearest, scale max|w| / q_max, narrow
+           range) or ``mse`` (the full signed range, e.g. int4 [-8, 7], and per group / channel the
+           clipping scale of least squared weight error ||w - s·q(w/s)||², never worse than RTN's:
+           :mod:`qpass.weight_search`; the w4a16 recipe uses it; group-wise, each group also
+           picks its orientation: a negative scale puts its largest |w| on the -8 end).
+           ``symmetric_weights`` false: affine weights with a zero-point (e.g. ``weight_dtype``
+           uint4: onnxruntime's MatMulNBits default form; the CUDA W4A16 kernel wants symmetric).
 Preserves: the float function (only metadata changes). ``insert-qdq`` materializes it.
 """
 
@@ -49,6 +56,7 @@ __all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis", 
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
+_WEIGHT_OBSERVERS = ("minmax", "mse")  # mse: per-group clipping search, qpass.weight_search
 # ops with a QLinear* kernel in onnxruntime (QDQ fusion); data-movement ops are SHARED_PARAMETER_OPS
 _INTEGER_OPS = ("Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
 
@@ -130,6 +138,8 @@ class AnnotateQuantPass(Pass):
     overrides: dict = dataclasses.field(default_factory=dict)
     activations: bool = True
     group_size: int | None = None
+    weight_observer: str = "minmax"
+    symmetric_weights: bool = True
 
     def __post_init__(self):
         self.op_types = tuple(self.op_types)
@@ -146,12 +156,16 @@ class AnnotateQuantPass(Pass):
         )
 
     def _weight_spec(self, o, axis: int, group_axis: int | None = None) -> QuantSpec:
+        if o.weight_observer not in _WEIGHT_OBSERVERS:
+            raise ValueError(f"unknown weight_observer '{o.weight_observer}': choose one of {', '.join(_WEIGHT_OBSERVERS)}")
+        # symmetric min-max (RTN) keeps the narrow range [-2^(b-1)+1, 2^(b-1)-1]; the search uses the full one
+        narrow = o.symmetric_weights and o.weight_observer == "minmax"
+        common = dict(symmetric=o.symmetric_weights, narrow_range=narrow, observer=o.weight_observer, num_bits=o.weight_bits)
         if group_axis is not None:
-            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="group", axis=group_axis,
-                             group_size=o.group_size, num_bits=o.weight_bits)
+            return QuantSpec(o.weight_dtype, granularity="group", axis=group_axis, group_size=o.group_size, **common)
         if o.per_channel:
-            return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, granularity="channel", axis=axis, num_bits=o.weight_bits)
-        return QuantSpec(o.weight_dtype, symmetric=True, narrow_range=True, num_bits=o.weight_bits)
+            return QuantSpec(o.weight_dtype, granularity="channel", axis=axis, **common)
+        return QuantSpec(o.weight_dtype, **common)
 
     def _options_for(self, node: ir.Node):
         key = _matches(node, tuple(self.overrides))

@@ -1,7 +1,8 @@
 """Materialize quantization intent as standard QuantizeLinear/DequantizeLinear (QDQ) nodes.
 
 Matches:   every value annotated with a ``QuantSpec`` (see ``annotate-quant``).
-Rewrites:  constant weights -> integer initializer + DequantizeLinear (per-channel ``axis``;
+Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales from min-max, or
+           with the spec's observer ``mse`` from qpass.weight_search's clipping search; per-channel ``axis``;
            group-wise: ``axis`` and ``block_size`` G, scales of the weight's rank with
            ceil(K / G) entries along K, no zero-point input when symmetric, opset raised to 21;
            a weight-only Gemm(transB=1) gets its weight stored as [K, N] and transB cleared, the
@@ -32,6 +33,7 @@ from qpass.graph_utils import add_initializer, unique_name, used_names
 from qpass.model_io import opset_of, raise_opset_if_needed
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec, qparams_from_range
+from qpass.weight_search import clip_search
 
 __all__ = ["InsertQDQPass", "quantize_array"]
 
@@ -66,22 +68,30 @@ def _expand_groups(a: np.ndarray, axis: int, group_size: int, length: int) -> np
 
 
 def _weight_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Scale and zero-point of a constant weight: min-max (RTN) unless the spec's observer is
+    ``mse``, which searches each group's (channel's, tensor's) clipping scale (qpass.weight_search)."""
+
+    def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # rows: [groups, elements]
+        if spec.observer == "mse":
+            return clip_search(rows, spec)
+        return qparams_from_range(spec, rows.min(axis=1), rows.max(axis=1))
+
     if spec.granularity == "group":
         axis, g = spec.axis % w.ndim, spec.group_size
         moved = np.moveaxis(w, axis, 0)
         groups = -(-moved.shape[0] // g)
-        # a short last group is padded with zeros: harmless, the range always includes 0
+        # a short last group is padded with zeros: harmless, the range always includes 0 and
+        # zeros quantize exactly
         padded = np.concatenate([moved, np.zeros((groups * g - moved.shape[0], *moved.shape[1:]), w.dtype)])
-        blocks = padded.reshape(groups, g, *moved.shape[1:])
-        scale, zero = qparams_from_range(spec, blocks.min(axis=1), blocks.max(axis=1))
+        blocks = np.moveaxis(padded.reshape(groups, g, -1), 1, 2).reshape(-1, g)  # [groups * rest, g]
+        scale, zero = (a.reshape(groups, *moved.shape[1:]) for a in fit(blocks))
         return np.moveaxis(scale, 0, axis), np.moveaxis(zero, 0, axis), axis
     if spec.granularity == "channel":
         axis = spec.axis % w.ndim
-        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        scale, zero = qparams_from_range(spec, moved.min(axis=1), moved.max(axis=1))
+        scale, zero = fit(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1))
         return scale, zero, axis
-    scale, zero = qparams_from_range(spec, w.min(), w.max())
-    return np.asarray(scale), np.asarray(zero), None
+    scale, zero = fit(w.reshape(1, -1))
+    return scale.reshape(()), zero.reshape(()), None
 
 
 @dataclasses.dataclass
