@@ -23,229 +23,31 @@ codes straight from its epilogue. Model-local functions (``ai.qpass`` log quanti
 their bodies.
 """
 
+
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from qpass.backends.cuda.islands import (
+    QuantizedLinear,
+    WeightOnlyLinear,
+    conv_island,
+    is_tracing,
+    match_island,
+    match_weight_only,
+    tracing,
+)
+from qpass.backends.cuda.ops import OPS, SHAPE_INPUTS, _torch, attr, to_torch
 
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array
 
 __all__ = ["lower", "LoweredProgram", "QuantizedLinear", "WeightOnlyLinear"]
 
-
-def _torch():
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover
-        raise PipelineError("the CUDA backend needs torch: pip install 'qpass[torch]'") from e
-    return torch
-
-
 _const = const_array
-
-
-@dataclasses.dataclass
-class QuantizedLinear:
-    """One integer GEMM island: y = dequant(quant(x) @ Wq) (+ bias), x in float."""
-
-    x_scale: float
-    x_zero: int
-    x_unsigned: bool
-    w_t: Any  # torch int8 [N, K]
-    w_scale: Any  # torch float32 [N] or [1]
-    col_sum: Any  # torch int32 [N]: sum_k Wq[n, k] (zero-point correction)
-    bias: Any | None  # torch float32 [N]
-    fused: tuple | None = None  # GPU: (scale [N], bias [N]) for the kernel's epilogue
-    activation: str | None = None  # fused: "relu" | "gelu" | "gelu_tanh" after the bias
-    requant: tuple[float, int] | None = None  # fused: int8 codes out, (scale, zero - shift) of the next Q
-
-    def quantize(self, x2d):
-        """int8 codes of ``x2d`` (unsigned activations shifted by -128)."""
-        torch = _torch()
-        shift = 128 if self.x_unsigned else 0
-        lo, hi = (0, 255) if self.x_unsigned else (-128, 127)
-        if self.fused is not None and x2d.is_cuda and not _TRACING:  # one kernel; the int8 shift rides on the zero-point
-            return torch.quantize_per_tensor(x2d.float(), self.x_scale, self.x_zero - shift, torch.qint8).int_repr()
-        # exact: round half to even of x / scale, as ONNX (traced: fused into the producer)
-        return (torch.round(x2d.float() / self.x_scale) + self.x_zero).clamp(lo, hi).sub(shift).to(torch.int8)
-
-    def __call__(self, x2d, out_dtype=None):
-        """y = dequant(quantize(x2d) @ Wq) (+ bias); ``x2d`` may already be int8 codes."""
-        torch = _torch()
-        a = x2d if x2d.dtype == torch.int8 else self.quantize(x2d)
-        out_dtype = out_dtype or x2d.dtype
-        if self.fused is not None and _TRACING:
-            act = self.activation or ""
-            out_scale, out_zero = self.requant or (1.0, 0)
-            return _linear_op()(a, self.w_t, self.fused[0], self.fused[1], torch.int8 if self.requant else out_dtype, act, out_scale, out_zero)
-        if self.fused is not None and a.is_cuda:
-            out = self._kernel(a, out_dtype)
-            if out is not None:
-                return out
-        shift = 128 if self.x_unsigned else 0
-        acc = _int8_gemm(a, self.w_t)
-        correction = shift - self.x_zero
-        if correction:
-            acc = acc + correction * self.col_sum
-        y = acc.float() * (self.x_scale * self.w_scale)
-        y = y + self.bias if self.bias is not None else y
-        return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-    def _kernel(self, a, out_dtype):
-        try:
-            from qpass.backends.cuda.kernels import int8_gemm
-        except ImportError:
-            return None
-        scale, bias = self.fused
-        return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=self.requant, activation=self.activation)
-
-    def fuse(self) -> None:
-        """Fold the zero-point correction into the bias: (acc + c*colsum)*s + b = acc*s + (b + c*colsum*s)."""
-        torch = _torch()
-        scale = (self.x_scale * self.w_scale.double()).expand(self.w_t.shape[0])
-        bias = (128 if self.x_unsigned else 0) - self.x_zero
-        bias = bias * self.col_sum.double() * scale
-        if self.bias is not None:
-            bias = bias + self.bias.double()
-        self.fused = (scale.float().contiguous(), bias.float().contiguous())
-
-
-@dataclasses.dataclass
-class WeightOnlyLinear:
-    """A W4A16 island on the GPU: y = x @ (q * s) (+ bias), int4 codes packed two per byte
-    ([N, K/2], K-major) with one scale per output channel and group of K. Decode shapes
-    (M <= 16) run the Triton W4A16 kernel; larger M dequantizes the weight to float16 and
-    uses a dense GEMM, which is faster there (kernels/w4a16_gemm.py)."""
-
-    w_packed: Any  # uint8 [N, K // 2]
-    scales: Any  # float32 [N, K // group]
-    bias: Any | None  # float32 [N]
-    group: int
-
-    def __call__(self, x2d, out_dtype=None):
-        torch = _torch()
-        out_dtype = out_dtype or x2d.dtype
-        if _TRACING:
-            y = _weight_only_op()(x2d.half(), self.w_packed, self.scales, self.bias, self.group)
-        else:
-            y = _weight_only_gemm(x2d.half(), self.w_packed, self.scales, self.bias, self.group)
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def _weight_only_gemm(x, w_packed, scales, bias, group):
-    torch = _torch()
-    from qpass.backends.cuda.kernels import unpack_int4, w4a16_gemm
-
-    if x.shape[0] <= 16:
-        return w4a16_gemm(x, w_packed, scales, bias, group)
-    w = (unpack_int4(w_packed).to(torch.float16).view(w_packed.shape[0], -1, group) * scales.half()[:, :, None]).view(w_packed.shape[0], -1)
-    y = x @ w.t()
-    return y + bias.half() if bias is not None else y
-
-
-_WEIGHT_ONLY_OP: list = []
-
-
-def _weight_only_op():
-    """``qpass::w4a16_linear``: the weight-only GEMM as an opaque op for traced programs."""
-    if not _WEIGHT_ONLY_OP:
-        torch = _torch()
-
-        @torch.library.custom_op("qpass::w4a16_linear", mutates_args=(),
-                                 schema="(Tensor x, Tensor w_packed, Tensor scales, Tensor? bias, int group) -> Tensor")
-        def w4a16_linear(x, w_packed, scales, bias, group):
-            return _weight_only_gemm(x, w_packed, scales, bias, group)
-
-        @w4a16_linear.register_fake
-        def _(x, w_packed, scales, bias, group):
-            return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=torch.float16)
-
-        _WEIGHT_ONLY_OP.append(w4a16_linear)
-    return _WEIGHT_ONLY_OP[0]
-
-
-def _match_weight_only(node: ir.Node, device) -> WeightOnlyLinear | None:
-    """MatMul / Gemm(transB=0) reading DequantizeLinear(int4 [K, N], scale [K/G, N], axis=0,
-    block_size=G) with no zero-point, K a multiple of G and G a power of two >= 32."""
-    torch = _torch()
-    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-        return None
-    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_int("transB", 0)
-                                   or node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
-        return None
-    dq = node.inputs[1].producer()
-    if dq is None or dq.op_type != "DequantizeLinear" or (len(dq.inputs) > 2 and dq.inputs[2] is not None):
-        return None
-    group, data = dq.attributes.get_int("block_size", 0), dq.inputs[0].const_value
-    scale = _const(dq.inputs[1])
-    if not group or data is None or data.dtype != ir.DataType.INT4 or scale is None or len(data.shape) != 2:
-        return None
-    k, n = data.shape
-    if dq.attributes.get_int("axis", 1) % 2 != 0 or k % group or group < 32 or group & (group - 1) or scale.shape != (k // group, n):
-        return None
-    from qpass.backends.cuda.kernels import pack_int4
-
-    bias = None
-    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = _const(node.inputs[2])
-        if bias is None or bias.size != n:
-            return None
-        bias = torch.from_numpy(bias.astype(np.float32).reshape(-1)).to(device)
-    q_t = np.ascontiguousarray(data.numpy().astype(np.int8).T)  # [N, K]
-    return WeightOnlyLinear(
-        w_packed=torch.from_numpy(pack_int4(q_t)).to(device),
-        scales=torch.from_numpy(np.ascontiguousarray(scale.astype(np.float32).T)).to(device),
-        bias=bias, group=group,
-    )
-
-
-_TRACING = False  # True while LoweredProgram.compile traces: plain torch ops and the custom GEMM op
-_LINEAR_OP: list = []
-
-
-def _linear_op():
-    """``qpass::int8_linear(a, w_t, scale, bias, out_dtype)``: the fused-epilogue GEMM as an
-    opaque torch op, so a traced program keeps it whole while the compiler fuses around it."""
-    if not _LINEAR_OP:
-        torch = _torch()
-
-        schema = ("(Tensor a, Tensor w_t, Tensor scale, Tensor bias, ScalarType out_dtype, str activation, "
-                  "float out_scale, int out_zero) -> Tensor")
-
-        @torch.library.custom_op("qpass::int8_linear", mutates_args=(), schema=schema)
-        def int8_linear(a, w_t, scale, bias, out_dtype, activation, out_scale, out_zero):
-            from qpass.backends.cuda.kernels import int8_gemm
-
-            requant = (out_scale, out_zero) if out_dtype == torch.int8 else None
-            return int8_gemm(a, w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=requant, activation=activation or None)
-
-        @int8_linear.register_fake
-        def _(a, w_t, scale, bias, out_dtype, activation, out_scale, out_zero):
-            return a.new_empty((a.shape[0], w_t.shape[0]), dtype=out_dtype)
-
-        _LINEAR_OP.append(int8_linear)
-    return _LINEAR_OP[0]
-
-
-def _int8_gemm(a, w_t):
-    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N]."""
-    torch = _torch()
-    if a.is_cuda:
-        try:
-            from qpass.backends.cuda.kernels import int8_gemm
-
-            return int8_gemm(a, w_t, out_dtype=torch.int32)
-        except (ImportError, TypeError):
-            if a.shape[0] > 16:
-                return torch._int_mm(a, w_t.t())
-            return (a.float() @ w_t.t().float()).to(torch.int32)  # exact below 2^24
-    return a.to(torch.int32) @ w_t.t().to(torch.int32)
 
 
 class LoweredProgram:
@@ -270,16 +72,16 @@ class LoweredProgram:
                 if self.dtype == torch.float16 and array.dtype == np.float32 and array.ndim > 0:
                     array = array.astype(np.float16)  # 0-d scales stay float32
                 # shapes, axes and starts stay on the host: reading them never waits for the GPU
-                host = value.uses() and all((u.node.op_type, u.idx) in _SHAPE_INPUTS for u in value.uses())
-                self.constants[name] = _to_torch(array, cpu if host else self.device)
+                host = value.uses() and all((u.node.op_type, u.idx) in SHAPE_INPUTS for u in value.uses())
+                self.constants[name] = to_torch(array, cpu if host else self.device)
         self.islands: dict[int, QuantizedLinear | WeightOnlyLinear] = {}
         self._compile_options: dict | None = None
         self._compiled: dict[tuple, Callable] = {}
         self.functions = {(f.domain, f.name): f for f in model.functions.values()}
         for node in model.graph:
-            island = _match_island(node, self.device)
+            island = match_island(node, self.device)
             if island is None and self.device.type == "cuda":
-                island = _match_weight_only(node, self.device)
+                island = match_weight_only(node, self.device)
             if island is not None:
                 if self.device.type == "cuda" and isinstance(island, QuantizedLinear):
                     island.fuse()
@@ -301,7 +103,7 @@ class LoweredProgram:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
                 raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
-            if node.domain in ("", "ai.onnx") and node.op_type not in _OPS:
+            if node.domain in ("", "ai.onnx") and node.op_type not in OPS:
                 raise PipelineError(f"the CUDA backend has no lowering for op '{node.op_type}' (node '{node.name}'): keep it out of the model or use the onnxruntime backend")
 
     def _pair_qdq(self, model: ir.Model) -> None:
@@ -351,7 +153,7 @@ class LoweredProgram:
                     fold.append(nxt)
                     nxt = only_use(value)
             if nxt is not None and nxt.op_type in ("Relu", "Gelu"):
-                act = "relu" if nxt.op_type == "Relu" else ("gelu_tanh" if _attr(nxt, "approximate", "none") == "tanh" else "gelu")
+                act = "relu" if nxt.op_type == "Relu" else ("gelu_tanh" if attr(nxt, "approximate", "none") == "tanh" else "gelu")
                 fold.append(nxt)
                 value = nxt.outputs[0]
             elif value.name in gelus and not value.is_graph_output():
@@ -374,7 +176,7 @@ class LoweredProgram:
             island.requant = (float(scale.reshape(())), int(zero.reshape(())) - (128 if zero.dtype == np.uint8 else 0))
             island.activation = act
             if extra_bias is not None:
-                island.fused = (island.fused[0], island.fused[1] + _to_torch(extra_bias.astype(np.float32), self.device))
+                island.fused = (island.fused[0], island.fused[1] + to_torch(extra_bias.astype(np.float32), self.device))
             self.skipped.update(id(n) for n in fold)
             self.int8_values.add(value.name)
             self.island_outputs[id(node)] = value.name
@@ -427,18 +229,13 @@ class LoweredProgram:
         if key not in self._compiled:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            global _TRACING
             names = list(tensors)
 
             def run(*args):
                 return tuple(self._run(dict(zip(names, args))))
 
-            _TRACING = True
-            try:
-                with torch.no_grad():
-                    traced = make_fx(run)(*tensors.values())
-            finally:
-                _TRACING = False
+            with tracing(), torch.no_grad():
+                traced = make_fx(run)(*tensors.values())
             self._compiled[key] = torch.compile(traced, **self._compile_options)
         return self._compiled[key]
 
@@ -450,7 +247,7 @@ class LoweredProgram:
         tensors = {}
         for name in self.input_names:
             value = inputs[name]
-            value = value.to(self.device) if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value), self.device)
+            value = value.to(self.device) if isinstance(value, torch.Tensor) else to_torch(np.asarray(value), self.device)
             tensors[name] = value.to(self.dtype) if value.dtype == torch.float32 else value
         if self._compile_options is None:
             outputs = self._run(tensors)
@@ -479,7 +276,7 @@ class LoweredProgram:
             if top and id(node) in self.fake_quant:
                 source, scale, zero, lo, hi = self.fake_quant[id(node)]
                 x = env[source]
-                if _TRACING:
+                if is_tracing():
                     y = ((torch.round(x.float() / scale) + zero).clamp(lo, hi) - zero) * scale
                 else:
                     y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, lo, hi)
@@ -489,7 +286,7 @@ class LoweredProgram:
             if (node.domain, node.op_type) in self.functions:
                 outs = self._run_function(self.functions[(node.domain, node.op_type)], args)
             else:
-                outs = _OPS[node.op_type](node, *args)
+                outs = OPS[node.op_type](node, *args)
             if not isinstance(outs, tuple):
                 outs = (outs,)
             if half:  # ops that compute in float32 (DequantizeLinear) hand half on
@@ -503,7 +300,7 @@ class LoweredProgram:
         else:
             x = env[node.inputs[0].producer().inputs[0].producer().inputs[0].name]  # before Q (or its int8 codes)
         if node.op_type == "Conv":
-            return _conv_island(node, island, x)
+            return conv_island(node, island, x)
         y = island(x.reshape(-1, x.shape[-1]), self.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -521,299 +318,3 @@ def lower(model: ir.Model, device: str | None = None, dtype: str = "float32") ->
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("no CUDA GPU is available: lower with device='cpu' (reference kernels) or run on a GPU machine")
     return LoweredProgram(model, device, dtype)
-
-
-def _to_torch(array: np.ndarray, device):
-    torch = _torch()
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array.astype(np.int16)).to(device)  # uint8 math would wrap
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
-    return torch.from_numpy(array).to(device)
-
-
-def _dq_params(node: ir.Node | None):
-    if node is None or node.op_type != "DequantizeLinear":
-        return None
-    data, scale = _const(node.inputs[0]), _const(node.inputs[1])
-    zero = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    return data, scale, zero
-
-
-def _match_island(node: ir.Node, device) -> QuantizedLinear | None:
-    torch = _torch()
-    if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
-        return None
-    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0):
-        return None
-    if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
-        return None
-    x_dq, w_dq = node.inputs[0].producer(), node.inputs[1].producer()
-    if x_dq is None or x_dq.op_type != "DequantizeLinear" or x_dq.inputs[0].producer() is None or x_dq.inputs[0].producer().op_type != "QuantizeLinear":
-        return None
-    w = _dq_params(w_dq)
-    x_scale, x_zero = _const(x_dq.inputs[1]), _const(x_dq.inputs[2]) if len(x_dq.inputs) > 2 else None
-    if w is None or w[0] is None or w[0].dtype != np.int8 or x_scale is None or x_scale.size != 1:
-        return None
-    wq, w_scale, _ = w
-    if node.op_type == "MatMul":
-        if wq.ndim != 2:
-            return None
-        w_t = wq.T  # [N, K]
-    elif node.op_type == "Gemm":
-        w_t = wq if node.attributes.get_int("transB", 0) else wq.T
-    else:
-        w_t = wq.reshape(wq.shape[0], -1)  # [C_out, C_in*kh*kw]
-    bias = None
-    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = _dq_params(node.inputs[2].producer())
-        if b is not None and b[0] is not None:
-            bias = b[0].astype(np.float64) * b[1].astype(np.float64)
-        else:
-            bias = _const(node.inputs[2])
-            if bias is None:
-                return None
-        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
-            return None
-    unsigned = x_zero is not None and x_zero.dtype == np.uint8
-    return QuantizedLinear(
-        x_scale=float(x_scale.reshape(())),
-        x_zero=int(x_zero.reshape(())) if x_zero is not None else 0,
-        x_unsigned=unsigned,
-        w_t=torch.from_numpy(np.ascontiguousarray(w_t)).to(device),
-        w_scale=torch.from_numpy(w_scale.astype(np.float32).reshape(-1)).to(device),
-        col_sum=torch.from_numpy(w_t.astype(np.int32).sum(axis=1)).to(device),
-        bias=torch.from_numpy(bias.astype(np.float32).reshape(-1)).to(device) if bias is not None else None,
-    )
-
-
-
-
-def _conv_island(node: ir.Node, island: QuantizedLinear, x):
-    torch = _torch()
-    w_shape = node.inputs[1].producer().inputs[0].const_value.shape
-    kernel = tuple(w_shape[2:])
-    strides = tuple(node.attributes.get_ints("strides", [1] * len(kernel)))
-    dil = tuple(node.attributes.get_ints("dilations", [1] * len(kernel)))
-    pads = node.attributes.get_ints("pads", [0] * 2 * len(kernel))
-    if len(kernel) != 2 or pads[0] != pads[2] or pads[1] != pads[3] or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
-        raise PipelineError(f"the CUDA backend lowers 2-D Convs with symmetric explicit pads only (node '{node.name}')")
-    n, _, h, w = x.shape
-    # quantize before unfolding so padded zeros are the zero-point, as ONNX QLinearConv does
-    cols = torch.nn.functional.unfold(x, kernel, dilation=dil, padding=(pads[0], pads[1]), stride=strides)
-    out_h = (h + 2 * pads[0] - dil[0] * (kernel[0] - 1) - 1) // strides[0] + 1
-    out_w = (w + 2 * pads[1] - dil[1] * (kernel[1] - 1) - 1) // strides[1] + 1
-    y = island(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-    return y.reshape(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
-
-
-# ---- op-by-op lowering of everything else -------------------------------------------------
-
-
-def _attr(node, name, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
-def _q(node, x, scale, zero=None):
-    torch = _torch()
-    lo, hi = (0, 255) if zero is not None and node.inputs[2].dtype == ir.DataType.UINT8 else (-128, 127)
-    axis = _attr(node, "axis", 1)
-    shape = _bshape(x, scale, axis)
-    z = zero.reshape(shape).float() if zero is not None else 0.0
-    return (torch.round(x / scale.reshape(shape)) + z).clamp(lo, hi)
-
-
-def _dq(node, x, scale, zero=None):
-    axis = _attr(node, "axis", 1)
-    block = _attr(node, "block_size", 0)
-    if block:  # blocked: each scale covers `block` consecutive entries along axis (the last may be short)
-        axis %= x.dim()
-        scale = scale.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
-        zero = zero.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis]) if zero is not None else None
-        return (x.float() - (zero.float() if zero is not None else 0.0)) * scale.float()
-    shape = _bshape(x, scale, axis)
-    z = zero.reshape(shape).float() if zero is not None else 0.0
-    return (x.float() - z) * scale.reshape(shape).float()
-
-
-def _bshape(x, scale, axis):
-    if scale.numel() == 1:
-        return ()
-    shape = [1] * x.dim()
-    shape[axis % x.dim()] = -1
-    return shape
-
-
-def _reduce(fn):
-    def run(node, x, axes=None):
-        axes_list = _attr(node, "axes") if axes is None else axes.tolist()
-        keep = bool(_attr(node, "keepdims", 1))
-        if axes_list is None:
-            axes_list = list(range(x.dim()))
-        return fn(x, dim=tuple(axes_list), keepdim=keep)
-    return run
-
-
-def _reshape(node, x, shape):
-    target = [int(d) for d in shape.tolist()]
-    target = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d for i, d in enumerate(target)]
-    return x.reshape(target)
-
-
-def _slice(node, x, starts, ends, axes=None, steps=None):
-    index = [slice(None)] * x.dim()
-    axes = axes.tolist() if axes is not None else list(range(len(starts)))
-    steps = steps.tolist() if steps is not None else [1] * len(axes)
-    for a, s, e, st in zip(axes, starts.tolist(), ends.tolist(), steps):
-        size = x.shape[a]
-        s, e = max(min(s, size), -size), max(min(e, size), -size - 1)
-        index[a] = slice(s, e, st)
-    return x[tuple(index)]
-
-
-def _gemm(node, a, b, c=None):
-    torch = _torch()
-    a = a.t() if _attr(node, "transA", 0) else a
-    b = b.t() if _attr(node, "transB", 0) else b
-    y = _attr(node, "alpha", 1.0) * (a.float() @ b.float())
-    return y + _attr(node, "beta", 1.0) * c if c is not None else y
-
-
-def _conv(node, x, w, b=None):
-    torch = _torch()
-    pads = _attr(node, "pads", [0, 0, 0, 0])
-    return torch.nn.functional.conv2d(
-        x, w.float(), b, stride=_attr(node, "strides", [1, 1]), padding=(pads[0], pads[1]),
-        dilation=_attr(node, "dilations", [1, 1]), groups=_attr(node, "group", 1),
-    )
-
-
-def _layernorm(node, x, scale, bias=None):
-    torch = _torch()
-    axis = _attr(node, "axis", -1) % x.dim()
-    return torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, eps=_attr(node, "epsilon", 1e-5))
-
-
-def _gelu(node, x):
-    torch = _torch()
-    return torch.nn.functional.gelu(x, approximate="tanh" if _attr(node, "approximate", "none") == "tanh" else "none")
-
-
-def _cast(node, x):
-    torch = _torch()
-    to = ir.DataType(_attr(node, "to"))
-    return x.to(getattr(torch, {"FLOAT": "float32", "FLOAT16": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool", "DOUBLE": "float64"}[to.name]))
-
-
-def _constant(node):
-    return _to_torch(node.attributes["value"].as_tensor().numpy(), "cpu")
-
-
-def _maxpool(node, x):
-    torch = _torch()
-    pads = _attr(node, "pads", [0, 0, 0, 0])
-    return torch.nn.functional.max_pool2d(x, _attr(node, "kernel_shape"), _attr(node, "strides", None), (pads[0], pads[1]))
-
-
-def _avgpool(node, x):
-    torch = _torch()
-    pads = _attr(node, "pads", [0, 0, 0, 0])
-    return torch.nn.functional.avg_pool2d(x, _attr(node, "kernel_shape"), _attr(node, "strides", None), (pads[0], pads[1]), count_include_pad=bool(_attr(node, "count_include_pad", 0)))
-
-
-def _clip(node, x, lo=None, hi=None):
-    return x.clamp(min=lo.item() if lo is not None else None, max=hi.item() if hi is not None else None)
-
-
-def _softmax(node, x):
-    return x.softmax(dim=_attr(node, "axis", -1))
-
-
-def _t():
-    return _torch()
-
-
-# (op, input index) pairs that are read on the host (shapes, axes, slice bounds)
-_SHAPE_INPUTS = frozenset({
-    ("Reshape", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Unsqueeze", 1), ("Squeeze", 1),
-    ("Expand", 1), ("Trilu", 1), ("ReduceMean", 1), ("ReduceSum", 1), ("ReduceMax", 1), ("ReduceMin", 1),
-    ("Tile", 1), ("ConstantOfShape", 0), ("Split", 1), ("Pad", 1), ("Resize", 2), ("Resize", 3),
-})
-
-_OPS: Mapping[str, Callable[..., Any]] = {
-    "QuantizeLinear": _q,
-    "DequantizeLinear": _dq,
-    "MatMul": lambda n, a, b: a @ b if a.dtype == b.dtype and a.is_floating_point() else a.float() @ b.float(),
-    "Trilu": lambda n, x, k=None: (x.triu if _attr(n, "upper", 1) else x.tril)(int(k) if k is not None else 0),
-    "Gemm": _gemm,
-    "Conv": _conv,
-    "Add": lambda n, a, b: a + b,
-    "Sub": lambda n, a, b: a - b,
-    "Mul": lambda n, a, b: a * b,
-    "Div": lambda n, a, b: a / b if a.is_floating_point() else _t().div(a, b, rounding_mode="trunc"),
-    "Pow": lambda n, a, b: _t().pow(a, b),
-    "Sqrt": lambda n, x: x.sqrt(),
-    "Exp": lambda n, x: x.exp(),
-    "Log": lambda n, x: x.log(),
-    "Erf": lambda n, x: _t().erf(x),
-    "Tanh": lambda n, x: x.tanh(),
-    "Sigmoid": lambda n, x: x.sigmoid(),
-    "Relu": lambda n, x: x.relu(),
-    "Neg": lambda n, x: -x,
-    "Abs": lambda n, x: x.abs(),
-    "Reciprocal": lambda n, x: x.reciprocal(),
-    "Round": lambda n, x: _t().round(x),
-    "Max": lambda n, *xs: _reduce_pairs(_t().maximum, xs),
-    "Min": lambda n, *xs: _reduce_pairs(_t().minimum, xs),
-    "Sum": lambda n, *xs: _reduce_pairs(lambda a, b: a + b, xs),
-    "Where": lambda n, c, a, b: _t().where(c.bool(), a, b),
-    "Equal": lambda n, a, b: a == b,
-    "Less": lambda n, a, b: a < b,
-    "Greater": lambda n, a, b: a > b,
-    "GreaterOrEqual": lambda n, a, b: a >= b,
-    "Not": lambda n, x: ~x.bool(),
-    "IsNaN": lambda n, x: _t().isnan(x),
-    "Clip": _clip,
-    "Softmax": _softmax,
-    "LayerNormalization": _layernorm,
-    "Gelu": _gelu,
-    "ReduceMean": _reduce(lambda x, dim, keepdim: x.mean(dim=dim, keepdim=keepdim)),
-    "ReduceSum": _reduce(lambda x, dim, keepdim: x.sum(dim=dim, keepdim=keepdim)),
-    "ReduceMax": _reduce(lambda x, dim, keepdim: x.amax(dim=dim, keepdim=keepdim)),
-    "Reshape": _reshape,
-    "Flatten": lambda n, x: x.reshape(int(np.prod(x.shape[: _attr(n, "axis", 1)])), -1),
-    "Transpose": lambda n, x: x.permute(*(_attr(n, "perm") or list(range(x.dim()))[::-1])),
-    "Unsqueeze": lambda n, x, axes=None: _unsqueeze(x, axes.tolist() if axes is not None else _attr(n, "axes")),
-    "Squeeze": lambda n, x, axes=None: x.squeeze(tuple(axes.tolist())) if axes is not None else x.squeeze(),
-    "Concat": lambda n, *xs: _t().cat(xs, dim=_attr(n, "axis")),
-    "Gather": lambda n, x, i: _t().index_select(x, _attr(n, "axis", 0) % x.dim(), i.reshape(-1).long()).reshape(
-        *x.shape[: _attr(n, "axis", 0) % x.dim()], *i.shape, *x.shape[_attr(n, "axis", 0) % x.dim() + 1:]),
-    "Slice": _slice,
-    "Shape": lambda n, x: _t().tensor(list(x.shape), dtype=_t().int64),
-    "Cast": _cast,
-    "Identity": lambda n, x: x,
-    "Constant": _constant,
-    "Expand": lambda n, x, s: x * _t().ones(s.tolist(), dtype=x.dtype, device=x.device) if x.dtype != _t().bool else x.expand(*s.tolist()),
-    "Range": lambda n, a, b, d: _t().arange(a.item(), b.item(), d.item()),
-    "ConstantOfShape": lambda n, s: _t().full(s.tolist(), float(n.attributes["value"].as_tensor().numpy().reshape(-1)[0]) if "value" in n.attributes else 0.0),
-    "MaxPool": _maxpool,
-    "AveragePool": _avgpool,
-    "GlobalAveragePool": lambda n, x: x.mean(dim=(2, 3), keepdim=True),
-    "Dropout": lambda n, x, *rest: x,
-    "BatchNormalization": lambda n, x, g, b, m, v: _t().nn.functional.batch_norm(x, m, v, g, b, False, 0.0, _attr(n, "epsilon", 1e-5)),
-}
-
-
-def _unsqueeze(x, axes):
-    for a in sorted(a % (x.dim() + len(axes)) for a in axes):
-        x = x.unsqueeze(a)
-    return x
-
-
-def _reduce_pairs(fn, xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = fn(out, x)
-    return out
