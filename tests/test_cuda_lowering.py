@@ -56,6 +56,14 @@ def test_unsupported_op_and_missing_input_and_no_gpu():
     program = lower(qpass.load_model(demo_cnn()), "cpu")
     with pytest.raises(qpass.PipelineError, match="missing model input 'input'"):
         program()
+    x = demo_calibration(demo_cnn(), 1)[0]["input"]
+    with pytest.raises(qpass.PipelineError, match="unknown model input 'pixels'"):
+        program(input=x, pixels=x)
+    with pytest.raises(qpass.PipelineError, match=r"model input 'input' must have shape \[.*\], got \[1, 3\]"):
+        program(input=np.zeros((1, 3), np.float32))
+    with pytest.raises(qpass.PipelineError, match="model input 'input' must be float32, got int64"):
+        program(input=x.astype(np.int64))
+    assert program(input=x.astype(np.float64))  # float64 is cast, as calibration data
     if not torch.cuda.is_available():
         with pytest.raises(qpass.PipelineError, match="no CUDA GPU"):
             lower(qpass.load_model(demo_cnn()), "cuda")

@@ -244,11 +244,17 @@ class LoweredProgram:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise PipelineError(f"missing model input '{missing[0]}' (inputs: {', '.join(self.input_names)})")
+        unknown = sorted(set(inputs) - set(self.input_names))
+        if unknown:
+            raise PipelineError(f"unknown model input '{unknown[0]}' (inputs: {', '.join(self.input_names)})")
         tensors = {}
-        for name in self.input_names:
-            value = inputs[name]
+        for value_info in self.model.graph.inputs:
+            if value_info.name not in self.input_names:
+                continue
+            name, value = value_info.name, inputs[value_info.name]
             value = value.to(self.device) if isinstance(value, torch.Tensor) else to_torch(np.asarray(value), self.device)
-            tensors[name] = value.to(self.dtype) if value.dtype == torch.float32 else value
+            _check_input(value_info, value)
+            tensors[name] = value.to(self.dtype) if value.is_floating_point() and value_info.dtype == ir.DataType.FLOAT else value
         if self._compile_options is None:
             outputs = self._run(tensors)
         else:
@@ -308,6 +314,24 @@ class LoweredProgram:
         env = {v.name: a for v, a in zip(function.inputs, args)}
         self._run_graph(iter(function), env)
         return tuple(env[v.name] for v in function.outputs)
+
+
+_TORCH_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+                 ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool", ir.DataType.DOUBLE: "float64"}
+
+
+def _check_input(info: ir.Value, value) -> None:
+    """One-line error for a model input of the wrong dtype, rank or fixed dimension."""
+    expected = _TORCH_DTYPES.get(info.dtype)
+    got = str(value.dtype).removeprefix("torch.")
+    if expected is not None and got != expected and not (expected == "float32" and got in ("float16", "float64")):
+        raise PipelineError(f"model input '{info.name}' must be {expected}, got {got}")
+    if info.shape is None:
+        return
+    dims = list(info.shape)
+    if value.dim() != len(dims) or any(isinstance(d, int) and d != n for d, n in zip(dims, value.shape)):
+        want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in dims) + "]"
+        raise PipelineError(f"model input '{info.name}' must have shape {want}, got {list(value.shape)}")
 
 
 def lower(model: ir.Model, device: str | None = None, dtype: str = "float32") -> LoweredProgram:
