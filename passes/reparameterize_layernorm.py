@@ -25,9 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.activation_samples import ActivationSamples
-from qpass.graph_utils import add_initializer, const_array, unique_name
+from qpass.graph_utils import add_initializer, const_array, rewire_after, unique_name
 from qpass.pass_base import Pass, PassReport
-from qpass.passes.smooth_quant import layernorm_groups, rewire_after, set_layernorm_affine
+from qpass.transformer_patterns import layernorm_groups, set_layernorm_affine
 
 __all__ = ["ReparameterizeLayerNormPass", "repq_ratios"]
 

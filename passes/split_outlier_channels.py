@@ -38,10 +38,9 @@ import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
 from qpass.errors import CalibrationError
-from qpass.graph_utils import add_initializer, const_array, is_op, unique_name, used_names
+from qpass.graph_utils import add_initializer, const_array, is_op, readers, unique_name, used_names
 from qpass.pass_base import Analysis, AnalysisManager, Pass, PassReport
 from qpass.passes.fuse_layernorm import through_identity
-from qpass.passes.smooth_quant import readers
 
 __all__ = ["SplitOutlierChannelsPass", "split_channels", "split_activation_channels", "ChannelAbsMax"]
 

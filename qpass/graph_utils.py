@@ -15,10 +15,12 @@ __all__ = [
     "only_consumer",
     "other_input",
     "is_op",
-    "linear_weight",
+    "readers",
     "reduce_axes",
     "replace_subgraph",
+    "rewire_after",
     "unique_name",
+    "used_names",
 ]
 
 
@@ -62,6 +64,11 @@ def is_op(node: ir.Node | None, *op_types: str) -> bool:
     return node is not None and node.domain in ("", "ai.onnx") and node.op_type in op_types
 
 
+def readers(value: ir.Value) -> int:
+    """How many inputs read ``value``, counting through Identity chains (> 1: shared)."""
+    return sum(readers(u.node.outputs[0]) if is_op(u.node, "Identity") else 1 for u in value.uses())
+
+
 def reduce_axes(node: ir.Node) -> tuple[int, ...] | None:
     """Axes of a Reduce* node, from its attribute (opset < 18) or its constant input (>= 18)."""
     attr = node.attributes.get("axes")
@@ -80,6 +87,14 @@ def replace_subgraph(
     order = {id(n): i for i, n in enumerate(graph)}
     last = max(old_nodes, key=lambda n: order[id(n)])
     onnx_ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, [old_output], [new_output])
+
+
+def rewire_after(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
+    """Insert ``node`` (reading ``value``) after the producer of ``value``; every other reader reads its output."""
+    users = [(u.node, u.idx) for u in value.uses() if u.node is not node]
+    graph.insert_after(value.producer(), node)
+    for user, idx in users:
+        user.replace_input_with(idx, node.outputs[0])
 
 
 def used_names(graph: ir.Graph) -> set[str]:
@@ -117,17 +132,3 @@ def add_initializer(
     value.shape, value.dtype = tensor.shape, tensor.dtype
     graph.register_initializer(value)
     return value
-
-
-def linear_weight(node: ir.Node, value: ir.Value) -> tuple[ir.Value, bool] | None:
-    """(weight value, transposed) when ``node`` is a Linear reading ``value`` as its activation."""
-    if node.domain not in ("", "ai.onnx") or node.inputs[0] is not value or len(node.inputs) < 2:
-        return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or w.const_value.shape.rank() != 2:
-        return None
-    if node.op_type == "MatMul":
-        return w, False
-    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
-        return w, bool(node.attributes.get_int("transB", 0))
-    return None
