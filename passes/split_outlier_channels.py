@@ -22,7 +22,7 @@ Rewrites:  ``target="weight"`` (ALGORITHMS.md §4.2-4.3): ceil(expand_ratio * K)
            ``target="both"``: activation splits first, then weight splits on the result.
 Preserves: the float function (verified). The split tensor's range shrinks, so its
            quantization step does too.
-Needs:     calibration data for ``target="activation"``/``"both"`` (per-channel max|x|).
+Needs:     ``ChannelAbsMax`` (calibration data) for ``target="activation"``/``"both"``.
 Options:   target ("weight"), expand_ratio (0.02), qa_split (True), bits (8: the weight grid
            used for Δ), op_types.
 """
@@ -36,13 +36,12 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from qpass.backends import onnxruntime as ort_backend
-from qpass.errors import CalibrationError
+from qpass.analyses.channel_absmax import ChannelAbsMax
 from qpass.graph_utils import add_initializer, const_array, is_op, readers, unique_name, used_names
-from qpass.pass_base import Analysis, AnalysisManager, Pass, PassReport
+from qpass.pass_base import Pass, PassReport
 from qpass.passes.fuse_layernorm import through_identity
 
-__all__ = ["SplitOutlierChannelsPass", "split_channels", "split_activation_channels", "ChannelAbsMax"]
+__all__ = ["SplitOutlierChannelsPass", "split_channels", "split_activation_channels"]
 
 TARGETS = ("weight", "activation", "both")
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "MaxPool")
@@ -90,33 +89,6 @@ def split_activation_channels(absmax: np.ndarray, n_split: int) -> tuple[np.ndar
         mult.append(mult[j])
         current.append(current[j])
     return np.array(source, np.int64), np.array(mult, np.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelAbsMax(Analysis):
-    """max|x| per channel (axis ``axes[i]`` of value ``names[i]``) over the calibration set."""
-
-    names: tuple[str, ...]
-    axes: tuple[int, ...]
-
-    def compute(self, model: ir.Model, manager: AnalysisManager) -> dict[str, np.ndarray]:
-        data = manager.context.get("calibration")
-        if data is None:
-            raise CalibrationError("activation OCS needs calibration data: pass --calib DATA (or --random-calib N)")
-        graph_inputs = {v.name for v in model.graph.inputs}
-        outputs = [n for n in self.names if n not in graph_inputs]
-        session = ort_backend.make_session(model, extra_outputs=outputs)
-        inputs = {i.name for i in session.get_inputs()}
-        found: dict[str, np.ndarray] = {}
-        for feeds in data:
-            results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
-            for name, axis in zip(self.names, self.axes):
-                x = feeds[name] if name in graph_inputs else results[name]
-                m = np.abs(np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)).max(axis=1).astype(np.float64)
-                found[name] = m if name not in found else np.maximum(found[name], m)
-        if not found:
-            raise CalibrationError("the calibration set is empty: pass at least one sample")
-        return found
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from types import MappingProxyType
 import numpy as np
 import onnx_ir as ir
 
-from qpass.backends import onnxruntime as ort_backend
+from qpass.analyses.calibration_batches import calibration_batches
 from qpass.errors import CalibrationError
 from qpass.pass_base import Analysis, AnalysisManager
 
@@ -40,20 +40,15 @@ class ActivationSamples(Analysis):
         data = manager.context.get("calibration")
         if data is None:
             raise CalibrationError("this pass needs calibration data: pass --calib DATA (or --random-calib N)")
-        graph_inputs = {v.name for v in model.graph.inputs}
-        outputs = [n for n in self.names if n not in graph_inputs]
-        session = ort_backend.make_session(model, extra_outputs=outputs)
-        inputs = {i.name for i in session.get_inputs()}
         absmax: dict[str, np.ndarray] = {}
         low: dict[str, np.ndarray] = {}
         high: dict[str, np.ndarray] = {}
         rows: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         kept = 0
-        for feeds in data:
-            results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+        for values in calibration_batches(model, self.names, data):
             take = None
             for name in self.names:
-                x = feeds[name] if name in graph_inputs else results[name]
+                x = values[name]
                 flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
                 batch_max = np.abs(flat).max(axis=0)
                 absmax[name] = batch_max if name not in absmax else np.maximum(absmax[name], batch_max)

@@ -1,0 +1,27 @@
+"""Run a model over calibration batches and hand back chosen values, one batch at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qpass.backends import onnxruntime as ort_backend
+
+__all__ = ["calibration_batches"]
+
+
+def calibration_batches(
+    model: ir.Model, names: Iterable[str], data: Iterable[Mapping[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed dict of ``data``: ``{name: array}`` for ``names`` (in order), graph inputs
+    taken from the feeds, other values exposed as extra outputs of one onnxruntime session."""
+    names = list(names)
+    graph_inputs = {v.name for v in model.graph.inputs}
+    outputs = [n for n in names if n not in graph_inputs]
+    session = ort_backend.make_session(model, extra_outputs=outputs)
+    inputs = {i.name for i in session.get_inputs()}
+    for feeds in data:
+        results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+        yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
