@@ -37,9 +37,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.analyses.channel_absmax import ChannelAbsMax
-from qpass.graph_utils import add_initializer, const_array, is_op, readers, unique_name, used_names
+from qpass.graph_utils import add_initializer, const_array, is_op, readers, through_identity, unique_name, used_names
 from qpass.pass_base import Pass, PassReport
-from qpass.passes.fuse_layernorm import through_identity
 
 __all__ = ["SplitOutlierChannelsPass", "split_channels", "split_activation_channels"]
 

@@ -132,3 +132,10 @@ def add_initializer(
     value.shape, value.dtype = tensor.shape, tensor.dtype
     graph.register_initializer(value)
     return value
+
+
+def through_identity(value: ir.Value | None) -> ir.Value | None:
+    """The value an ``Identity`` chain forwards (``value`` itself when no Identity produces it)."""
+    while value is not None and is_op(value.producer(), "Identity"):
+        value = value.producer().inputs[0]
+    return value

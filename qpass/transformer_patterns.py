@@ -15,9 +15,16 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph_utils import add_initializer, is_op, readers, rewire_after, unique_name
+from qpass.graph_utils import (
+    add_initializer,
+    is_op,
+    readers,
+    rewire_after,
+    through_identity,
+    unique_name,
+)
+from qpass.op_patterns import LayerNormMatch, match_layernorm
 from qpass.pass_base import PassReport
-from qpass.passes.fuse_layernorm import LayerNormMatch, match_layernorm, through_identity
 
 __all__ = ["LinearUses", "linear_weight", "linear_uses", "layernorm_groups", "set_layernorm_affine"]
 

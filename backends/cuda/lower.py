@@ -44,6 +44,7 @@ from qpass.backends.cuda.ops import OPS, SHAPE_INPUTS, _torch, attr, to_torch
 
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array
+from qpass.op_patterns import match_gelu
 
 __all__ = ["lower", "LoweredProgram", "QuantizedLinear", "WeightOnlyLinear"]
 
@@ -126,8 +127,6 @@ class LoweredProgram:
         """Island -> [Add(bias)] -> [Relu | Gelu | decomposed GELU] -> Q read only by islands:
         the bias, activation and quantization move into the GEMM epilogue, which writes the
         int8 codes the next islands read (no float activation in memory)."""
-        from qpass.passes.fuse_gelu import match_gelu
-
         if self.int8_values or any(isinstance(i, QuantizedLinear) and i.fused is None for i in self.islands.values()):
             return
         gelus = {}
