@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["make_session", "run", "session_bytes"]
+__all__ = ["is_placeholder", "make_session", "run", "session_bytes", "session_from_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,32 @@ def make_session(
     threads: int | None = None,
     extra_outputs: Sequence[str] = (),
     optimized_model_path: str | None = None,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session over ``model``.
 
     optimize: False runs the graph exactly as written (verification); True enables all
     graph optimizations (the fused integer kernels of a deployed QDQ model).
     extra_outputs: names of intermediate values to expose as outputs (calibration).
+    config: further session config entries (``SessionOptions.add_session_config_entry``).
     """
+    graph = session_bytes(model, extra_outputs, drop_unused=True)
+    return session_from_bytes(
+        *graph, optimize=optimize, threads=threads, optimized_model_path=optimized_model_path, config=config
+    )
+
+
+def session_from_bytes(
+    graph_bytes: bytes,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    optimized_model_path: str | None = None,
+    config: Mapping[str, str] | None = None,
+) -> ort.InferenceSession:
+    """A session over what :func:`session_bytes` returned (see :func:`make_session`)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -50,23 +69,40 @@ def make_session(
         options.inter_op_num_threads = 1
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    graph_bytes, names, arrays = session_bytes(model, extra_outputs)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        options.add_external_initializers(list(names), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     return ort.InferenceSession(graph_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def session_bytes(model: ir.Model, extra_outputs: Sequence[str] = ()) -> tuple[bytes, list[str], list[np.ndarray]]:
+def session_bytes(
+    model: ir.Model, extra_outputs: Sequence[str] = (), *, drop_unused: bool = False
+) -> tuple[bytes, list[str], list[np.ndarray]]:
     """Serialize ``model`` with its large initializers replaced by placeholders.
 
     Returns the graph bytes and the (names, arrays) onnxruntime must be given beside them.
+    drop_unused: leave out the large initializers nothing reads (e.g. float weights a
+    quantizing pass replaced, until dead-code elimination; onnxruntime would drop them), so
+    that removing them does not change the bytes. Otherwise they are serialized inline.
     """
     names: list[str] = []
     arrays: list[np.ndarray] = []
-    with _placeholders(model, names, arrays), _extra_outputs(model, extra_outputs):
+    with _placeholders(model, names, arrays, drop_unused) as dropped, _extra_outputs(model, extra_outputs):
         proto = ir.to_proto(model)
+    if dropped:
+        for field in (proto.graph.initializer, proto.graph.value_info):
+            kept = [t for t in field if t.name not in dropped]
+            del field[:]
+            field.extend(kept)
     proto.ir_version = _session_ir_version(proto)
     return proto.SerializeToString(), names, arrays
+
+
+def is_placeholder(tensor) -> bool:
+    """Whether a ``TensorProto`` from :func:`session_bytes` is a placeholder for an in-memory array."""
+    external = tensor.data_location == 1  # TensorProto.EXTERNAL
+    return external and any(e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data)
 
 
 def _session_ir_version(proto) -> int:
@@ -81,11 +117,20 @@ def _session_ir_version(proto) -> int:
 
 
 @contextlib.contextmanager
-def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray]) -> Iterator[None]:
+def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray], drop_unused: bool = False) -> Iterator[set[str]]:
+    """Swap large initializers for placeholders; yields the names of unused ones to leave out."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    dropped: set[str] = set()
+    inputs = {id(v) for v in model.graph.inputs} if drop_unused else set()
     try:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
+            if drop_unused and not _used(value) and id(value) not in inputs:
+                dropped.add(name)  # left out after serializing; large ones get a cheap stand-in first
+                if tensor is not None and tensor.nbytes > _INLINE_LIMIT:
+                    swapped.append((value, tensor))
+                    value.const_value = _placeholder(tensor, name, tensor.nbytes)
+                continue
             if tensor is None or tensor.dtype in _PACKED:
                 continue
             external = isinstance(tensor, ir.ExternalTensor)
@@ -102,13 +147,15 @@ def _placeholders(model: ir.Model, names: list[str], arrays: list[np.ndarray]) -
             array = np.ascontiguousarray(tensor.numpy())  # read-only views are fine: never copied
             names.append(name)
             arrays.append(array)
-            value.const_value = ir.ExternalTensor(
-                _PLACEHOLDER, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=name
-            )
-        yield
+            value.const_value = _placeholder(tensor, name, array.nbytes)
+        yield dropped
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+def _placeholder(tensor: ir.TensorProtocol, name: str, nbytes: int) -> ir.ExternalTensor:
+    return ir.ExternalTensor(_PLACEHOLDER, 0, nbytes, tensor.dtype, shape=tensor.shape, name=name)
 
 
 def _used(value: ir.Value) -> bool:
@@ -173,9 +220,14 @@ def fused_op_census(model: ir.Model, threads: int | None = None) -> dict:
 
     import onnx
 
+    config = {  # the census runs nothing: no pre-packed weights; weights written beside the graph, never read
+        "session.disable_prepacking": "1",
+        "session.optimized_model_external_initializers_file_name": "optimized.data",
+        "session.optimized_model_external_initializers_min_size_in_bytes": str(_INLINE_LIMIT),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, optimize=True, threads=threads, optimized_model_path=path)
+        make_session(model, optimize=True, threads=threads, optimized_model_path=path, config=config)
         optimized = onnx.load(path, load_external_data=False)
     producers = {o: n for n in optimized.graph.node for o in n.output}
     integer: dict[str, int] = {}

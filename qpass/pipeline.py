@@ -8,6 +8,8 @@ After every pass that reports ``modified`` the runner
    beyond ``max|after - before| <= rtol * max|before| + atol`` (it reuses the previous
    pass's outputs, so each verified pass costs one onnxruntime session),
 3. for a quantizing pass, reports the SQNR of each model output against the float model.
+The graph is serialized once for 1 and 2; a pass that left it and the weight arrays as they
+were (it changed metadata only, e.g. quantization annotations) keeps the previous outputs.
 Analyses are cached in an :class:`AnalysisManager` and dropped whenever a pass modifies
 the graph. ``verify=False`` skips 1-3 for speed.
 """
@@ -26,10 +28,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qpass import verify as qverify
+from qpass.backends.onnxruntime import is_placeholder, session_bytes
 from qpass.errors import PipelineError, QpassError, VerificationError
 from qpass.pass_base import AnalysisManager, Pass, PassReport, release_manager, use_manager
 
-__all__ = ["Pipeline", "PipelineResult", "PassStats", "check_graph", "infer_shapes"]
+__all__ = ["Pipeline", "PipelineResult", "PassStats", "check_graph", "check_graph_bytes", "infer_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +95,21 @@ def check_graph(model: ir.Model, infer: bool = True) -> None:
 
     Weights are not copied: large initializers are declared as typed graph inputs instead.
     """
-    from qpass.backends.onnxruntime import session_bytes
+    check_graph_bytes(session_bytes(model, drop_unused=True)[0], infer)
 
-    graph_bytes, names, _ = session_bytes(model)
+
+def check_graph_bytes(graph_bytes: bytes, infer: bool = True) -> None:
+    """:func:`check_graph` on what :func:`qpass.backends.onnxruntime.session_bytes` returned."""
     proto = onnx.load_from_string(graph_bytes)
-    if names:
-        moved = set(names)
-        kept = [t for t in proto.graph.initializer if t.name not in moved]
-        for t in proto.graph.initializer:
-            if t.name in moved:
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    moved = [t for t in proto.graph.initializer if is_placeholder(t)]
+    if moved:
+        kept = [t for t in proto.graph.initializer if not is_placeholder(t)]
+        for t in moved:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
-    onnx.checker.check_model(proto)
-    if infer:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    # full_check: strict shape inference with type checks, as infer_shapes(check_type=True, strict_mode=True)
+    onnx.checker.check_model(proto.SerializeToString(), full_check=infer)
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -127,6 +130,8 @@ class Pipeline(ir.passes.InPlacePass):
     probe_feeds: the fixed batch for numeric checks (default: generated from input shapes).
     context: data handed to analyses (e.g. calibration data).
     on_pass: callback(stats) after each pass (the CLI prints progress with it).
+    reference_outputs: the model's outputs on ``probe_feeds`` when already known (e.g. the
+    ``final_outputs`` of a pipeline that ran before on the same model): not computed again.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class Pipeline(ir.passes.InPlacePass):
         atol: float = qverify.ATOL,
         context: Mapping[str, Any] | None = None,
         on_pass: Callable[[PassStats], None] | None = None,
+        reference_outputs: Mapping[str, np.ndarray] | None = None,
     ):
         self.passes = list(passes)
         for p in self.passes:
@@ -151,6 +157,8 @@ class Pipeline(ir.passes.InPlacePass):
         self.rtol, self.atol = rtol, atol
         self.analyses = AnalysisManager(context)
         self.on_pass = on_pass
+        self.reference_outputs = dict(reference_outputs) if reference_outputs is not None else None
+        self._checked: tuple | None = None  # the serialized graph last checked and run
         self.last_result: PipelineResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -164,7 +172,10 @@ class Pipeline(ir.passes.InPlacePass):
         if self.verify:
             feeds = self.probe_feeds if self.probe_feeds is not None else qverify.probe_feeds(model)
             self.analyses.context.setdefault("probe_feeds", feeds)
-            reference = current = qverify.run_model(model, feeds)
+            self._checked = session_bytes(model, drop_unused=True)
+            reference = current = self.reference_outputs
+            if reference is None:
+                reference = current = qverify.run_model(model, feeds, graph=self._checked)
         stats = []
         token = use_manager(self.analyses)
         try:
@@ -201,18 +212,7 @@ class Pipeline(ir.passes.InPlacePass):
         if not self.verify:
             verification = "off"
         elif result.modified:
-            try:
-                check_graph(model)
-            except Exception as e:
-                raise VerificationError(
-                    f"pass '{name}' produced an invalid graph: {str(e).strip().splitlines()[0][:300]}"
-                ) from e
-            try:
-                outputs = qverify.run_model(model, feeds)
-            except Exception as e:
-                raise VerificationError(
-                    f"pass '{name}' produced a model onnxruntime cannot run: {str(e).strip().splitlines()[0][:300]}"
-                ) from e
+            outputs = self._check_and_run(name, model, feeds, current)
             if preserves:
                 problem = qverify.compare_outputs(current, outputs, self.rtol, self.atol)
                 if problem:
@@ -247,6 +247,37 @@ class Pipeline(ir.passes.InPlacePass):
         )
         logger.info("%s: %s in %.3fs (%s)", name, "modified" if result.modified else "unchanged", seconds, verification)
         return stats, current
+
+    def _check_and_run(self, name, model, feeds, current):
+        """Validate ``model`` and run it on ``feeds``; a pass that left the serialized graph and
+        the weight arrays as they were (metadata only, e.g. annotations) keeps ``current``."""
+        graph = session_bytes(model, drop_unused=True)  # serialized once for the checker and the session
+        if _same_graph(graph, self._checked):
+            return current
+        try:
+            check_graph_bytes(graph[0])
+        except Exception as e:
+            raise VerificationError(
+                f"pass '{name}' produced an invalid graph: {str(e).strip().splitlines()[0][:300]}"
+            ) from e
+        try:
+            outputs = qverify.run_model(model, feeds, graph=graph)
+        except Exception as e:
+            raise VerificationError(
+                f"pass '{name}' produced a model onnxruntime cannot run: {str(e).strip().splitlines()[0][:300]}"
+            ) from e
+        self._checked = graph
+        return outputs
+
+
+def _same_graph(a: tuple, b: tuple | None) -> bool:
+    """Same graph bytes and the same weight memory (placeholders carry names and shapes only;
+    ``b`` holds its arrays, so their memory cannot have been reused for new weights)."""
+    return b is not None and a[0] == b[0] and len(a[2]) == len(b[2]) and all(map(_same_memory, a[2], b[2]))
+
+
+def _same_memory(x: np.ndarray, y: np.ndarray) -> bool:
+    return x is y or (x.__array_interface__["data"][0] == y.__array_interface__["data"][0] and x.nbytes == y.nbytes)
 
 
 def _max_rel_error(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> float:

@@ -89,7 +89,10 @@ def quantize(
     context = {"calibration": calib, "progress": progress}
     stage1 = Pipeline(pass_list[:split], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
     float_model = ir_model.clone()
-    stage2 = Pipeline(pass_list[split:], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
+    stage2 = Pipeline(
+        pass_list[split:], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass,
+        reference_outputs=stage1.final_outputs,  # the same model on the same feeds: not run again
+    ).run(ir_model)
     stats = stage1.stats + stage2.stats
     start = time.perf_counter()
     out_model = to_format(ir_model, format, contrib_ops=contrib_ops, verify=verify)

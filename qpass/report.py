@@ -119,10 +119,12 @@ def build_report(
         feeds = {k: v for k, v in feeds.items() if k in inputs}
         ref = ort_backend.run(f_sess, feeds, wanted)
         got = ort_backend.run(q_sess, feeds, wanted)
-        for k in wanted:
+        for k in wanted:  # in float64, squared in place
             r = ref[k].astype(np.float64)
-            signal[k] += float(np.sum(r**2))
-            noise[k] += float(np.sum((r - got[k].astype(np.float64)) ** 2))
+            d = got[k].astype(np.float64)
+            np.subtract(r, d, out=d)
+            signal[k] += float(np.sum(np.square(r, out=r)))
+            noise[k] += float(np.sum(np.square(d, out=d)))
         count += 1
     errors = [
         LayerError(n.name or n.outputs[0].name, n.op_type, n.outputs[0].name, _sqnr(signal[n.outputs[0].name], noise[n.outputs[0].name]))

@@ -359,3 +359,41 @@ def test_make_observer_picks_class_and_channel_axis():
         assert type(obs) is cls and obs.channel_axis == 1
     assert make_observer(QuantSpec(granularity="channel", axis=0)).channel_axis == 0
     assert make_observer(QuantSpec()).channel_axis is None
+
+
+def _reference_counts(x: np.ndarray, width: np.ndarray, max_bins: int) -> np.ndarray:
+    """Bin counts from the definition: k = floor(x / w) in slot k + max_bins, one row per channel (float64)."""
+    rows = np.atleast_2d(x.astype(np.float64))
+    w = np.broadcast_to(np.asarray(width, np.float64), (len(rows),))
+    out = np.zeros((len(rows), 2 * max_bins), np.int64)
+    for r, (row, wr) in enumerate(zip(rows, w)):
+        np.add.at(out[r], np.floor(row / wr).astype(np.int64) + max_bins, 1)
+    return out
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("channels", [None, 3, 2100])  # 2100 x 4096 slots: past float32's exact integers
+def test_histogram_counts_match_the_definition(monkeypatch, fast, channels):
+    import qpass.observers as observers
+
+    monkeypatch.setattr(observers, "_FAST_ADD_AT", fast)
+    rng = np.random.default_rng(7)
+    obs = PercentileObserver(AFF, None if channels is None else 0)
+    data = []
+    for scale in (1.0, 0.5, 3.0):  # the third batch widens the bins
+        x = (rng.standard_normal((channels or 1, 50)) * scale).astype(np.float32)
+        x[0, :4] = [-1e-30, 1e-30, -0.0, 0.0]  # tiny negatives fall in bin -1, tiny positives in bin 0
+        data.append(x)
+        obs.update(x if channels else x[0])
+    counts, width = obs.histogram()
+    expected = _reference_counts(np.concatenate(data, axis=1), width, obs.max_bins)
+    np.testing.assert_array_equal(counts.reshape(expected.shape), expected)
+
+
+def test_histogram_unchanged_range_keeps_the_bin_width():
+    obs = PercentileObserver(AFF)
+    obs.update(np.array([-3.0, 5.0], np.float32))
+    exp = obs._exp.copy()
+    obs.update(np.array([-1.0, 4.0], np.float32))
+    np.testing.assert_array_equal(obs._exp, exp)
+    assert obs.histogram()[0].sum() == 4

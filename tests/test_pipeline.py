@@ -155,3 +155,70 @@ def test_probe_feeds_respect_embedding_tables():
     feeds = qpass.verify.probe_feeds(model)
     assert feeds["hidden_states"].shape == (2, 16, 64)
     assert feeds["hidden_states"].dtype == np.float32
+
+
+@dataclasses.dataclass
+class TagPass(qpass.Pass):
+    """Changes metadata only (as annotate-quant does)."""
+
+    name = "tag"
+
+    def call(self, model):
+        for node in model.graph:
+            node.outputs[0].meta["tag"] = True
+        return qpass.PassReport(model, True)
+
+
+@dataclasses.dataclass
+class CopyWeightsPass(qpass.Pass):
+    """Replaces every weight by an equal copy: same bytes, new arrays."""
+
+    name = "copy-weights"
+
+    def call(self, model):
+        for value in model.graph.initializers.values():
+            value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
+        return qpass.PassReport(model, True)
+
+
+def _count_runs(monkeypatch) -> list:
+    calls = []
+    real = qpass.verify.run_model
+    monkeypatch.setattr(qpass.verify, "run_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_metadata_only_pass_keeps_the_outputs_new_weights_are_run(monkeypatch, tmp_path):
+    onnx.save(demo_cnn(), tmp_path / "cnn.onnx")
+    model = qpass.load_model(tmp_path / "cnn.onnx")  # weights in numpy arrays of its own
+    calls = _count_runs(monkeypatch)
+    tag, copy = Pipeline([TagPass(), CopyWeightsPass()]).run(model).stats
+    assert tag.verification == copy.verification == "ok"
+    assert tag.max_error == copy.max_error == 0.0
+    assert len(calls) == 2  # the reference, and the pass that made new weight arrays
+
+
+def test_known_reference_outputs_are_not_computed_again(monkeypatch):
+    model = qpass.load_model(demo_cnn())
+    feeds = qpass.verify.probe_feeds(model)
+    reference = qpass.verify.run_model(model, feeds)
+    calls = _count_runs(monkeypatch)
+    pipeline = Pipeline([qpass.registry.make_pass("fold-batchnorm")], probe_feeds=feeds, reference_outputs=reference)
+    result = pipeline.run(model)
+    assert result.stats[0].verification == "ok" and len(calls) == 1
+    assert result.reference_outputs is not None and list(result.reference_outputs) == ["logits"]
+
+
+def test_sessions_and_checks_leave_out_unused_initializers():
+    from qpass.backends.onnxruntime import make_session, session_bytes
+
+    model = qpass.load_model(demo_cnn())
+    before = session_bytes(model, drop_unused=True)
+    for name, shape in (("unused_big", (64, 64)), ("unused_small", (3,))):
+        model.graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(np.ones(shape, np.float32), name=name)))
+    after = session_bytes(model, drop_unused=True)
+    assert after[0] == before[0] and after[1] == before[1]  # removing them changes nothing
+    assert b"unused_big" in session_bytes(model)[0]  # by default they stay inline (save_model writes them)
+    feeds = qpass.verify.probe_feeds(model)
+    np.testing.assert_array_equal(make_session(model).run(None, feeds)[0], qpass.verify.run_model(model, feeds)["logits"])
+    qpass.pipeline.check_graph(model)
