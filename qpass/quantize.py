@@ -26,7 +26,8 @@ __all__ = ["quantize", "QuantizeResult"]
 
 logger = logging.getLogger(__name__)
 
-_ANNOTATION_OPTIONS = ("activation_dtype", "weight_dtype", "per_channel", "symmetric_activations", "observer", "percentile", "exclude", "overrides", "op_types", "integer_ops")
+_ANNOTATION_OPTIONS = ("activation_dtype", "weight_dtype", "per_channel", "symmetric_activations", "observer", "percentile", "exclude",
+                       "overrides", "op_types", "integer_ops", "group_size", "weight_observer", "symmetric_weights")
 
 
 @dataclasses.dataclass
@@ -59,7 +60,8 @@ def quantize(
 
     ``options`` set fields of the recipe's ``annotate-quant`` pass: ``activation_dtype``,
     ``weight_dtype``, ``per_channel``, ``symmetric_activations``, ``observer``, ``percentile``,
-    ``exclude`` (node names, op types or regexes), ``overrides``, ``op_types``.
+    ``exclude`` (node names, op types or regexes), ``overrides``, ``op_types``, ``integer_ops``,
+    ``group_size``, ``weight_observer`` (``minmax`` or ``mse`` clipping search), ``symmetric_weights``.
     ``format``: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops) or ``qoperator``
     (QLinearConv, QLinearMatMul; ``contrib_ops`` adds onnxruntime's ``com.microsoft`` QLinear
     ops, QGemm and MatMulIntegerToFloat; see :func:`qpass.backends.qoperator.to_qoperator`). The report's per-layer SQNR is measured on the QDQ form
