@@ -6,8 +6,9 @@ Models (random weights, built in code): a BERT-base-sized encoder (12 post-LN la
 hidden 2048, 32 heads, FFN 8192, ReLU, causal; batch 4 x seq 512; ``--opt-layers`` of the 24).
 Each is exported to ONNX (``qpass.load_model``), quantized with the default ``w8a8`` recipe on
 a few random calibration batches, and lowered with ``qpass.backends.cuda.lower`` (float ops in
-float16): run op by op, and traced + compiled (``LoweredProgram.compile()``), each also replayed
-as a CUDA graph. The peer is torchao's int8 dynamic config with ``torch.compile`` (when
+float16): run op by op, traced + compiled (``LoweredProgram.compile()``) and, in addition, with
+the attention blocks as one fused kernel (``fused_attention=True``), each also replayed as a
+CUDA graph. The peer is torchao's int8 dynamic config with ``torch.compile`` (when
 installed). Timings: CUDA events, median of ``--iters`` runs after warm-up. Accuracy: SQNR of
 each output vs the float32 torch model.
 
@@ -171,12 +172,12 @@ def bench(kind: str, iters: int, opt_layers: int) -> dict:
         rec["compile_s"] = time.perf_counter() - t0
         rec["fp16_compile_ms"] = cuda_time(lambda: compiled(xh), iters)
     program = lower(quantized, "cuda", dtype="float16")
-    for key, run in (("qpass_w8a8_fp16", program), ("qpass_w8a8_compiled", None)):
-        if run is None:  # the same program traced and compiled: quantize/casts fuse into producers
+    for key, run in (("qpass_w8a8_fp16", program), ("qpass_w8a8_compiled", False), ("qpass_w8a8_compiled_fattn", True)):
+        if isinstance(run, bool):  # traced and compiled (quantize/casts fuse into producers); fused attention or not
             t0 = time.perf_counter()
-            run = lower(quantized, "cuda", dtype="float16").compile()
+            run = lower(quantized, "cuda", dtype="float16", fused_attention=run).compile()
             run(**{name: x})
-            rec["qpass_compile_s"] = time.perf_counter() - t0
+            rec[f"{key}_compile_s"] = time.perf_counter() - t0
         out = run(**{name: x})
         rec[f"{key}_ms"] = cuda_time(lambda: run(**{name: x}), iters)
         rec[f"{key}_sqnr_db"] = sqnr(ref, next(iter(out.values())))
@@ -187,7 +188,8 @@ def bench(kind: str, iters: int, opt_layers: int) -> dict:
     rec["integer_islands"] = program.quantized_layers
     del program
     rec.update(bench_torchao(model, xh, ref, iters))
-    for key in ("qpass_w8a8_fp16", "qpass_w8a8_fp16_graph", "qpass_w8a8_compiled", "qpass_w8a8_compiled_graph", "torchao_w8a8_compiled"):
+    for key in ("qpass_w8a8_fp16", "qpass_w8a8_fp16_graph", "qpass_w8a8_compiled", "qpass_w8a8_compiled_graph",
+                "qpass_w8a8_compiled_fattn", "qpass_w8a8_compiled_fattn_graph", "torchao_w8a8_compiled"):
         if f"{key}_ms" in rec:
             rec[f"{key}_vs_eager"] = rec["fp16_eager_ms"] / rec[f"{key}_ms"]
             rec[f"{key}_vs_compile"] = rec["fp16_compile_ms"] / rec[f"{key}_ms"]
@@ -218,14 +220,15 @@ def main() -> None:
         rec = bench(kind, args.iters, args.opt_layers)
         results.append(rec)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
-    print("\n| model | fp16 eager ms | fp16 compile ms | qpass op by op, CUDA graph ms | qpass compiled, CUDA graph ms | torchao compiled ms | qpass × eager | qpass × compile | SQNR dB fp16 / qpass / torchao |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| model | fp16 eager ms | fp16 compile ms | qpass op by op, CUDA graph ms | qpass compiled, CUDA graph ms | "
+          "+ fused attention ms | torchao compiled ms | qpass × eager | qpass × compile | SQNR dB fp16 / qpass / torchao |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        best = min(r["qpass_w8a8_compiled_ms"], r["qpass_w8a8_compiled_graph_ms"])
+        best = min(r["qpass_w8a8_compiled_graph_ms"], r["qpass_w8a8_compiled_fattn_graph_ms"])
         print(f"| {r['model']} {r['input']} | {r['fp16_eager_ms']:.2f} | {r['fp16_compile_ms']:.2f} | {r['qpass_w8a8_fp16_graph_ms']:.2f} | "
-              f"{r['qpass_w8a8_compiled_graph_ms']:.2f} | {r.get('torchao_w8a8_compiled_ms', float('nan')):.2f} | "
-              f"{r['fp16_eager_ms'] / best:.2f} | {r['fp16_compile_ms'] / best:.2f} | "
-              f"{r['fp16_sqnr_db']:.1f} / {r['qpass_w8a8_compiled_sqnr_db']:.1f} / {r.get('torchao_w8a8_sqnr_db', float('nan')):.1f} |")
+              f"{r['qpass_w8a8_compiled_graph_ms']:.2f} | {r['qpass_w8a8_compiled_fattn_graph_ms']:.2f} | "
+              f"{r.get('torchao_w8a8_compiled_ms', float('nan')):.2f} | {r['fp16_eager_ms'] / best:.2f} | {r['fp16_compile_ms'] / best:.2f} | "
+              f"{r['fp16_sqnr_db']:.1f} / {r['qpass_w8a8_compiled_fattn_graph_sqnr_db']:.1f} / {r.get('torchao_w8a8_sqnr_db', float('nan')):.1f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "results": results}, f, indent=1)

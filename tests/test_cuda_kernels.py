@@ -296,6 +296,38 @@ def test_int8_gemm_reference_activations_match_torch():
         int8_gemm_numpy(a, b, None, sb, bias, activation="silu")
 
 
+def test_quantized_attention_reference_semantics():
+    from qpass.backends.cuda.kernels import quantized_attention, quantized_attention_reference
+
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(2, 3, 10, 16, generator=gen) for _ in range(3))
+    mask = torch.full((10, 10), float("-inf")).triu(1)
+    kw = dict(sm_scale=0.25, p_scale=1 / 255, p_zero=0, p_lo=0, p_hi=255)
+    p = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, -1)
+    codes = torch.clamp(torch.round(p * 255), 0, 255)
+    expected = (codes / 255) @ v
+    got = quantized_attention_reference(q, k, v, mask, **kw)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(quantized_attention(q, k, v, mask, **kw), got)  # CPU tensors: the reference
+    with pytest.raises(ValueError, match="q \\[B, H, M, D\\]"):
+        quantized_attention(q[0], k, v, **kw)
+
+
+@gpu
+@pytest.mark.parametrize("m,n,d,masked", [(512, 512, 64, False), (130, 130, 64, True), (64, 200, 32, False), (77, 77, 128, True)])
+def test_gpu_quantized_attention_matches_reference(m, n, d, masked):
+    from qpass.backends.cuda.kernels import quantized_attention, quantized_attention_reference
+
+    gen = torch.Generator().manual_seed(m + n + d)
+    q, v = torch.randn(2, 4, m, d, generator=gen).half().cuda(), torch.randn(2, 4, n, d, generator=gen).half().cuda()
+    k_t = torch.randn(2, 4, d, n, generator=gen).half().cuda()  # K^T as the graph holds it: k is a strided view
+    mask = torch.full((m, n), float("-inf")).triu(1 + n - m).cuda().half() if masked else None
+    kw = dict(sm_scale=d ** -0.5, p_scale=1 / 255, p_zero=0, p_lo=0, p_hi=255)
+    got = quantized_attention(q, k_t.transpose(-1, -2), v, mask, **kw)
+    ref = quantized_attention_reference(q, k_t.transpose(-1, -2), v, mask, **kw)
+    assert float((got.float() - ref.float()).norm() / ref.float().norm()) < 2e-3
+
+
 @gpu
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("backend", ["fixed", "tma"])

@@ -178,3 +178,31 @@ def test_weight_only_gpu_islands(batch):
         assert sum(isinstance(i, WeightOnlyLinear) for i in program.islands.values()) == 1
         gpu = program(**feeds)["output"].cpu()
         assert float((gpu - cpu).norm() / cpu.norm()) < 2e-3  # float16 activations and weights
+
+
+@pytest.mark.parametrize("builder,backend", [(demo_transformer, None), (demo_vit, None), (demo_vit, "eager")])
+def test_fused_attention_matches_onnxruntime(builder, backend):
+    proto = builder()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    program = lower(model, "cpu", fused_attention=True)
+    assert len(program.attention) == (1 if builder is demo_transformer else 2)
+    if backend:
+        program.compile(backend=backend)
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, expected in ref.items():  # P's codes: multiply by the reciprocal, ties may differ by 1 LSB
+            np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_fused_attention_leaves_other_softmax_alone():
+    from qpass.backends.cuda.attention_island import match_attention
+
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    matched = [n for n in model.graph if match_attention(n) is not None]
+    assert [n.op_type for n in matched] == ["MatMul"]
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    extra = ir.node("Identity", [softmax.outputs[0]])  # a second reader of the probabilities
+    model.graph.append(extra)
+    assert not [n for n in model.graph if match_attention(n) is not None]

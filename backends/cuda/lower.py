@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from qpass.backends.cuda.attention_island import QuantizedAttention, match_attention
 from qpass.backends.cuda.islands import (
     QuantizedLinear,
     WeightOnlyLinear,
@@ -54,7 +55,7 @@ _const = const_array
 class LoweredProgram:
     """A callable torch program for a quantized ONNX model. ``program(**inputs)`` -> dict of outputs."""
 
-    def __init__(self, model: ir.Model, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model: ir.Model, device: str = "cpu", dtype: str = "float32", fused_attention: bool = False):
         torch = _torch()
         if dtype not in ("float32", "float16"):
             raise PipelineError(f"the CUDA backend computes in float32 or float16, not '{dtype}'")
@@ -96,6 +97,13 @@ class LoweredProgram:
                 for o in node.outputs
             ):
                 self.skipped.add(id(node))
+        # after the Q/DQ skipping: the attention kernel reads q, k and v as floats
+        self.attention: dict[int, QuantizedAttention] = {}
+        for node in model.graph if fused_attention else ():
+            found = match_attention(node)
+            if found is not None:
+                self.attention[id(node)] = found
+                self.skipped.update(n for n in found.nodes if n != id(node))
         self.int8_values: set[str] = set()  # values held as int8 codes (written by a requantizing island)
         self.island_outputs: dict[int, str] = {}
         if self.device.type == "cuda":
@@ -275,6 +283,9 @@ class LoweredProgram:
         for node in nodes:
             if top and id(node) in self.skipped:
                 continue
+            if top and id(node) in self.attention:
+                env[node.outputs[0].name] = self.attention[id(node)](env)
+                continue
             if top and id(node) in self.islands:
                 env[self.island_outputs.get(id(node), node.outputs[0].name)] = self._run_island(node, self.islands[id(node)], env)
                 continue
@@ -333,11 +344,13 @@ def _check_input(info: ir.Value, value) -> None:
         raise PipelineError(f"model input '{info.name}' must have shape {want}, got {list(value.shape)}")
 
 
-def lower(model: ir.Model, device: str | None = None, dtype: str = "float32") -> LoweredProgram:
-    """Lower ``model`` for ``device`` ("cuda" when available, else "cpu"); float ops in ``dtype``."""
+def lower(model: ir.Model, device: str | None = None, dtype: str = "float32", fused_attention: bool = False) -> LoweredProgram:
+    """Lower ``model`` for ``device`` ("cuda" when available, else "cpu"); float ops in ``dtype``.
+    ``fused_attention``: run attention blocks with quantized probabilities as one kernel
+    (:mod:`qpass.backends.cuda.attention_island`)."""
     torch = _torch()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("no CUDA GPU is available: lower with device='cpu' (reference kernels) or run on a GPU machine")
-    return LoweredProgram(model, device, dtype)
+    return LoweredProgram(model, device, dtype, fused_attention)
