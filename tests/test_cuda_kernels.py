@@ -314,17 +314,22 @@ def test_quantized_attention_reference_semantics():
 
 
 @gpu
-@pytest.mark.parametrize("m,n,d,masked", [(512, 512, 64, False), (130, 130, 64, True), (64, 200, 32, False), (77, 77, 128, True)])
+@pytest.mark.parametrize("m,n,d,masked", [(512, 512, 64, False), (130, 130, 64, True), (64, 200, 32, False), (77, 77, 128, True),
+                                           (70, 150, 32, "left")])
 def test_gpu_quantized_attention_matches_reference(m, n, d, masked):
     from qpass.backends.cuda.kernels import quantized_attention, quantized_attention_reference
 
     gen = torch.Generator().manual_seed(m + n + d)
     q, v = torch.randn(2, 4, m, d, generator=gen).half().cuda(), torch.randn(2, 4, n, d, generator=gen).half().cuda()
     k_t = torch.randn(2, 4, d, n, generator=gen).half().cuda()  # K^T as the graph holds it: k is a strided view
-    mask = torch.full((m, n), float("-inf")).triu(1 + n - m).cuda().half() if masked else None
+    mask = torch.full((m, n), float("-inf")).triu(1 + n - m).cuda().half() if masked is True else None
+    if masked == "left":  # whole key blocks masked before any key is seen: no NaN
+        mask = torch.zeros(m, n, device="cuda", dtype=torch.float16)
+        mask[:, :100] = float("-inf")
     kw = dict(sm_scale=d ** -0.5, p_scale=1 / 255, p_zero=0, p_lo=0, p_hi=255)
     got = quantized_attention(q, k_t.transpose(-1, -2), v, mask, **kw)
     ref = quantized_attention_reference(q, k_t.transpose(-1, -2), v, mask, **kw)
+    assert not torch.isnan(got).any()
     assert float((got.float() - ref.float()).norm() / ref.float().norm()) < 2e-3
 
 

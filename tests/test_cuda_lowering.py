@@ -206,3 +206,46 @@ def test_fused_attention_leaves_other_softmax_alone():
     extra = ir.node("Identity", [softmax.outputs[0]])  # a second reader of the probabilities
     model.graph.append(extra)
     assert not [n for n in model.graph if match_attention(n) is not None]
+
+
+def _position_model(shape_from_input: bool):
+    """y = x + Range(0, x.shape[1]) (position ids from a Shape), or Reshape(x, s) with s a graph input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if shape_from_input:
+        nodes = [helper.make_node("Reshape", ["x", "s"], ["y"])]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("s", TensorProto.INT64, [2])]
+        inits = []
+    else:
+        nodes = [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["n"], axis=0),
+            helper.make_node("Range", ["zero", "n", "one"], ["pos"]),
+            helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["x", "posf"], ["y"]),
+        ]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])]
+        inits = [numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4] if not shape_from_input else [4, 2])], inits)
+    return qpass.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_compile_computes_shape_arithmetic_and_refuses_shapes_from_input_values():
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    model = _position_model(False)
+    program = lower(model, "cpu").compile(backend="eager")
+    np.testing.assert_array_equal(program(x=x)["y"].numpy(), run_model(model, {"x": x})["y"])
+    program = lower(_position_model(True), "cpu").compile(backend="eager")
+    with pytest.raises(qpass.PipelineError, match="input 's' depends on input values; run the program without compile"):
+        program(x=x, s=np.array([4, 2], np.int64))
+
+
+def test_weight_only_matcher_skips_quantized_activations():
+    from qpass.backends.cuda.islands import match_weight_only
+
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 4), weight_dtype="int4", group_size=32, report=False).model
+    assert any(n.op_type == "DequantizeLinear" and n.attributes.get_int("block_size", 0) for n in model.graph)
+    assert not [n for n in model.graph if match_weight_only(n, "cpu") is not None]
+    weight_only = qpass.quantize(proto, demo_calibration(proto, 4), recipe="w4a16", report=False).model
+    assert [n for n in weight_only.graph if match_weight_only(n, "cpu") is not None]

@@ -129,6 +129,9 @@ def match_attention(pv: ir.Node) -> QuantizedAttention | None:
     q, k_t, v = node.inputs[0], node.inputs[1], pv.inputs[1]
     if _rank(q) != 4 or _rank(k_t) != 4 or _rank(v) != 4:
         return None
+    qs, ks, vs = list(q.shape), list(k_t.shape), list(v.shape)  # [B, H, M, D], [B, H, D, N], [B, H, N, D]
+    if not (qs[:2] == ks[:2] == vs[:2] and qs[3] == ks[2] == vs[3] and ks[3] == vs[2]):
+        return None  # broadcast heads (grouped-query attention) or a different value width: left op by op
     lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
     return QuantizedAttention(q.name, k_t.name, v.name, mask.name if mask is not None else None, float(sm_scale),
                               float(scale.reshape(())), int(zero.reshape(())), lo, hi, tuple(id(n) for n in nodes))

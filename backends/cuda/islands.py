@@ -147,7 +147,9 @@ def match_weight_only(node: ir.Node, device) -> WeightOnlyLinear | None:
     if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_int("transB", 0)
                                    or node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
         return None
-    dq = node.inputs[1].producer()
+    x_producer, dq = node.inputs[0].producer(), node.inputs[1].producer()
+    if x_producer is not None and x_producer.op_type == "DequantizeLinear":  # quantized activations: not weight-only
+        return None
     if dq is None or dq.op_type != "DequantizeLinear" or (len(dq.inputs) > 2 and dq.inputs[2] is not None):
         return None
     group, data = dq.attributes.get_int("block_size", 0), dq.inputs[0].const_value
@@ -155,7 +157,8 @@ def match_weight_only(node: ir.Node, device) -> WeightOnlyLinear | None:
     if not group or data is None or data.dtype != ir.DataType.INT4 or scale is None or len(data.shape) != 2:
         return None
     k, n = data.shape
-    if dq.attributes.get_int("axis", 1) % 2 != 0 or k % group or group < 32 or group & (group - 1) or scale.shape != (k // group, n):
+    # the kernel's K tiles hold whole groups: K a multiple of 128, groups of 32, 64 or 128
+    if dq.attributes.get_int("axis", 1) % 2 != 0 or k % 128 or group not in (32, 64, 128) or scale.shape != (k // group, n):
         return None
     from qpass.backends.cuda.kernels import pack_int4
 
@@ -275,7 +278,7 @@ def match_island(node: ir.Node, device) -> QuantizedLinear | None:
                 return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return None
-    unsigned = x_zero is not None and x_zero.dtype == np.uint8
+    unsigned = x_zero is None or x_zero.dtype == np.uint8  # no zero-point: uint8, as ONNX
     return QuantizedLinear(
         x_scale=float(x_scale.reshape(())),
         x_zero=int(x_zero.reshape(())) if x_zero is not None else 0,

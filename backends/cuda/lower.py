@@ -79,6 +79,7 @@ class LoweredProgram:
         self.islands: dict[int, QuantizedLinear | WeightOnlyLinear] = {}
         self._compile_options: dict | None = None
         self._compiled: dict[tuple, Callable] = {}
+        self._dynamic: set[str] = set()
         self.functions = {(f.domain, f.name): f for f in model.functions.values()}
         for node in model.graph:
             island = match_island(node, self.device)
@@ -155,7 +156,9 @@ class LoweredProgram:
             nxt = only_use(value)
             if nxt is not None and nxt.op_type == "Add":
                 b = _const(nxt.inputs[1] if nxt.inputs[0] is value else nxt.inputs[0])
-                if b is not None and b.dtype == np.float32 and b.size == island.w_t.shape[0] and b.shape[-1] == b.size:
+                rank = value.shape.rank() if value.shape is not None else None
+                if (b is not None and b.dtype == np.float32 and b.size == island.w_t.shape[0] and b.shape[-1] == b.size
+                        and rank is not None and b.ndim <= rank):
                     extra_bias, value = b.reshape(-1), nxt.outputs[0]
                     fold.append(nxt)
                     nxt = only_use(value)
@@ -173,11 +176,16 @@ class LoweredProgram:
             if q is None or q.op_type != "QuantizeLinear" or id(q) not in self.skipped:
                 continue
             scale = _const(q.inputs[1])
-            zero = _const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros((), np.int8)
+            zero = _const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros((), np.uint8)  # ONNX: uint8
             if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
                 continue
-            readers = [u.node for dq in q.outputs[0].uses() for u in dq.node.outputs[0].uses()]
-            if not all(isinstance(self.islands.get(id(r)), QuantizedLinear) and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
+            dqs = [u.node for u in q.outputs[0].uses()]
+            if q.outputs[0].is_graph_output() or not all(
+                    d.op_type == "DequantizeLinear" and id(d) in self.skipped and id(d) not in self.fake_quant
+                    and not d.outputs[0].is_graph_output() and d.outputs[0].uses() for d in dqs):
+                continue
+            readers = [u.node for d in dqs for u in d.outputs[0].uses()]
+            if not readers or not all(isinstance(self.islands.get(id(r)), QuantizedLinear) and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
                        and self.islands[id(r)].x_zero == int(zero.reshape(())) for r in readers):
                 continue
             island.requant = (float(scale.reshape(())), int(zero.reshape(())) - (128 if zero.dtype == np.uint8 else 0))
@@ -228,6 +236,7 @@ class LoweredProgram:
                 island.fuse()
         self._chain_requant()
         self._compile_options = options
+        self._compiled.clear()
         return self
 
     def _compiled_for(self, tensors: dict[str, Any]):
@@ -241,8 +250,16 @@ class LoweredProgram:
             def run(*args):
                 return tuple(self._run(dict(zip(names, args))))
 
-            with tracing(), torch.no_grad():
-                traced = make_fx(run)(*tensors.values())
+            self._dynamic = set(names)  # values that depend on input values (not only on shapes)
+            try:
+                with tracing(), torch.no_grad():
+                    traced = make_fx(run)(*tensors.values())
+            except PipelineError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line for the user, the cause chained
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise PipelineError(f"compile() could not trace this program ({type(e).__name__}: {first[:200]}); "
+                                    "run it without compile()") from e
             self._compiled[key] = torch.compile(traced, **self._compile_options)
         return self._compiled[key]
 
@@ -280,8 +297,16 @@ class LoweredProgram:
     def _run_graph(self, nodes, env: dict, top: bool = False) -> None:
         torch = _torch()
         half = self.dtype == torch.float16
+        traced = top and is_tracing()
         for node in nodes:
+            dynamic = traced and self._track(node)
             if top and id(node) in self.skipped:
+                continue
+            if traced and not dynamic:  # depends on shapes and constants only: computed, not traced
+                from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+                with disable_proxy_modes_tracing():
+                    self._run_node(node, env, half)
                 continue
             if top and id(node) in self.attention:
                 env[node.outputs[0].name] = self.attention[id(node)](env)
@@ -298,17 +323,38 @@ class LoweredProgram:
                     y = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, lo, hi)
                 env[node.outputs[0].name] = y.to(x.dtype) if x.dtype != y.dtype else y
                 continue
-            args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
-            if (node.domain, node.op_type) in self.functions:
-                outs = self._run_function(self.functions[(node.domain, node.op_type)], args)
-            else:
-                outs = OPS[node.op_type](node, *args)
-            if not isinstance(outs, tuple):
-                outs = (outs,)
-            if half:  # ops that compute in float32 (DequantizeLinear) hand half on
-                outs = tuple(o.half() if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() else o for o in outs)
-            for value, out in zip(node.outputs, outs):
-                env[value.name] = out
+            self._run_node(node, env, half)
+
+    def _run_node(self, node: ir.Node, env: dict, half: bool) -> None:
+        torch = _torch()
+        args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
+        if (node.domain, node.op_type) in self.functions:
+            outs = self._run_function(self.functions[(node.domain, node.op_type)], args)
+        else:
+            outs = OPS[node.op_type](node, *args)
+        if not isinstance(outs, tuple):
+            outs = (outs,)
+        if half:  # ops that compute in float32 (DequantizeLinear) hand half on
+            outs = tuple(o.half() if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() else o for o in outs)
+        for value, out in zip(node.outputs, outs):
+            env[value.name] = out
+
+    def _track(self, node: ir.Node) -> bool:
+        """While tracing: True when ``node`` reads input values (its outputs join ``_dynamic``).
+        A shape, axis or bound computed from input values cannot be traced: one-line error."""
+        dynamic = [i for i, v in enumerate(node.inputs) if v is not None and v.name in self._dynamic]
+        if not dynamic:
+            return False
+        if node.op_type == "Shape":  # the trace is keyed by input shapes
+            return True
+        host = [i for i in dynamic if (node.op_type, i) in SHAPE_INPUTS or node.op_type in ("Range", "ConstantOfShape")
+                or (node.op_type in ("Clip", "Trilu") and i > 0)]
+        if host:
+            raise PipelineError(f"compile() cannot trace node '{node.name}' ({node.op_type}): its input "
+                                f"'{node.inputs[host[0]].name}' depends on input values; run the program without compile()")
+        self._dynamic.update(v.name for v in node.outputs)
+        self._dynamic.update(n for n in (self.island_outputs.get(id(node)),) if n)
+        return True
 
     def _run_island(self, node: ir.Node, island, env: dict):
         if isinstance(island, WeightOnlyLinear):

@@ -39,7 +39,8 @@ def attr(node, name, default=None):
 
 def _q(node, x, scale, zero=None):
     torch = _torch()
-    lo, hi = (0, 255) if zero is not None and node.inputs[2].dtype == ir.DataType.UINT8 else (-128, 127)
+    unsigned = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].dtype == ir.DataType.UINT8  # ONNX default: uint8
+    lo, hi = (0, 255) if unsigned else (-128, 127)
     axis = attr(node, "axis", 1)
     shape = _bshape(x, scale, axis)
     z = zero.reshape(shape).float() if zero is not None else 0.0

@@ -21,14 +21,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, k_ptrs, mask_ptrs, rn, N, sm_scale, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+def _scores(q, k_ptrs, mask_ptrs, rm, rn, M, N, sm_scale, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
     if EVEN_N:
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=rn[None, :] < N, other=0.0)
     s = tl.dot(q, k) * sm_scale
     if HAS_MASK:
-        s += tl.load(mask_ptrs, mask=rn[None, :] < N, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptrs, mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0).to(tl.float32)
     if not EVEN_N:
         s = tl.where(rn[None, :] < N, s, float("-inf"))
     return s
@@ -55,16 +55,17 @@ def _quantized_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for j in range(0, tl.cdiv(N, BLOCK_N)):
         rn = j * BLOCK_N + rn0
-        s = _scores(q, k_base + rn[None, :] * sk_n, mask_base + rn[None, :] * sm_n, rn, N, sm_scale, HAS_MASK, EVEN_N)
+        s = _scores(q, k_base + rn[None, :] * sk_n, mask_base + rn[None, :] * sm_n, rm, rn, M, N, sm_scale, HAS_MASK, EVEN_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block masked out so far: no NaN from -inf - -inf
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m_i = m_new
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     v_base = v_ptr + b * sv_b + h * sv_h + rd[None, :] * sv_d
     for j in range(0, tl.cdiv(N, BLOCK_N)):
         rn = j * BLOCK_N + rn0
-        s = _scores(q, k_base + rn[None, :] * sk_n, mask_base + rn[None, :] * sm_n, rn, N, sm_scale, HAS_MASK, EVEN_N)
-        p = tl.exp(s - m_i[:, None]) / l_i[:, None]
+        s = _scores(q, k_base + rn[None, :] * sk_n, mask_base + rn[None, :] * sm_n, rm, rn, M, N, sm_scale, HAS_MASK, EVEN_N)
+        p = tl.exp(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None]) / l_i[:, None]
         # round half to even: adding 1.5 * 2^23 leaves the integer part in the mantissa (p * p_inv < 2^22)
         code = tl.minimum(tl.maximum(((p * p_inv + 12582912.0) - 12582912.0) + p_zero, p_lo), p_hi)
         p = (code - p_zero) * p_scale

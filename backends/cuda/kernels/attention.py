@@ -12,8 +12,8 @@ scores and softmax; P's codes ``clamp(rint(p * (1 / p_scale)) + p_zero, p_lo, p_
 ``q`` [B, H, M, D], ``k``/``v`` [B, H, N, D] (any strides: a transposed K is a view), ``mask``
 broadcastable to [B, H, M, N] (additive, e.g. a causal ``-inf`` triangle) or None. The kernel
 and the reference agree within float32 rounding of the scores (a probability at a rounding tie
-may take the neighbouring code); on CPU tensors, without triton or with a head size other than
-16, 32, 64 or 128, the reference runs.
+may take the neighbouring code); for float32 or CPU tensors, without triton or with a head size
+other than 16, 32, 64 or 128, the reference runs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def quantized_attention(q, k, v, mask=None, *, sm_scale: float, p_scale: float, 
         raise ValueError(f"quantized_attention: q [B, H, M, D] and k, v [B, H, N, D] expected, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     kw = dict(sm_scale=sm_scale, p_scale=p_scale, p_zero=p_zero, p_lo=p_lo, p_hi=p_hi)
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and q.shape[-1] in (16, 32, 64, 128))
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and q.shape[-1] in (16, 32, 64, 128)
+                                         and q.dtype in (torch.float16, torch.bfloat16))
     if use_triton:
         try:
             from . import _triton_attention as ta
