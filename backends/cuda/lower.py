@@ -215,8 +215,14 @@ class LoweredProgram:
             outputs = self(**static)
 
         def replay(**new):
+            if set(new) != set(static):
+                raise PipelineError(f"a captured program takes exactly the inputs it was captured with: {', '.join(sorted(static))}")
             for k, v in new.items():
-                static[k].copy_(v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)))
+                v = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+                if v.shape != static[k].shape or v.dtype != static[k].dtype:
+                    raise PipelineError(f"input '{k}' must match the captured one ({static[k].dtype} {list(static[k].shape)}), "
+                                        f"got {v.dtype} {list(v.shape)}: capture again for other shapes")
+                static[k].copy_(v)
             graph.replay()
             return outputs
 
