@@ -12,7 +12,7 @@ CUDA graph. The peer is torchao's int8 dynamic config with ``torch.compile`` (wh
 installed). Timings: CUDA events, median of ``--iters`` runs after warm-up. Accuracy: SQNR of
 each output vs the float32 torch model.
 
-    python benchmarks/bench_cuda_e2e.py [--iters 20] [--opt-layers 4] [--out results.json]
+    python benchmarks/bench_cuda_e2e.py [--iters 20] [--opt-layers 4] [--variants op,compiled,fattn,torchao] [--out results.json]
 """
 
 from __future__ import annotations
@@ -146,7 +146,10 @@ def bench_torchao(model: nn.Module, xh: torch.Tensor, ref: torch.Tensor, iters: 
                 "torchao_w8a8_sqnr_db": sqnr(ref, out.float())}
 
 
-def bench(kind: str, iters: int, opt_layers: int) -> dict:
+VARIANTS = ("op", "compiled", "fattn", "torchao")
+
+
+def bench(kind: str, iters: int, opt_layers: int, variants=VARIANTS) -> dict:
     model, shape = build(kind, opt_layers)
     rec: dict = {"model": kind, "input": list(shape), "layers": len(model.layers)}
     t0 = time.perf_counter()
@@ -172,7 +175,8 @@ def bench(kind: str, iters: int, opt_layers: int) -> dict:
         rec["compile_s"] = time.perf_counter() - t0
         rec["fp16_compile_ms"] = cuda_time(lambda: compiled(xh), iters)
     program = lower(quantized, "cuda", dtype="float16")
-    for key, run in (("qpass_w8a8_fp16", program), ("qpass_w8a8_compiled", False), ("qpass_w8a8_compiled_fattn", True)):
+    runs = {"op": ("qpass_w8a8_fp16", program), "compiled": ("qpass_w8a8_compiled", False), "fattn": ("qpass_w8a8_compiled_fattn", True)}
+    for key, run in (runs[v] for v in variants if v in runs):
         if isinstance(run, bool):  # traced and compiled (quantize/casts fuse into producers); fused attention or not
             t0 = time.perf_counter()
             run = lower(quantized, "cuda", dtype="float16", fused_attention=run).compile()
@@ -187,7 +191,8 @@ def bench(kind: str, iters: int, opt_layers: int) -> dict:
         del run, replay
     rec["integer_islands"] = program.quantized_layers
     del program
-    rec.update(bench_torchao(model, xh, ref, iters))
+    if "torchao" in variants:
+        rec.update(bench_torchao(model, xh, ref, iters))
     for key in ("qpass_w8a8_fp16", "qpass_w8a8_fp16_graph", "qpass_w8a8_compiled", "qpass_w8a8_compiled_graph",
                 "qpass_w8a8_compiled_fattn", "qpass_w8a8_compiled_fattn_graph", "torchao_w8a8_compiled"):
         if f"{key}_ms" in rec:
@@ -203,6 +208,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--opt-layers", type=int, default=4)
     ap.add_argument("--models", default="bert-base,opt-1.3b")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of op,compiled,fattn,torchao to run (fp16 eager and compile always run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -217,18 +223,22 @@ def main() -> None:
     print(json.dumps(env))
     results = []
     for kind in args.models.split(","):
-        rec = bench(kind, args.iters, args.opt_layers)
+        rec = bench(kind, args.iters, args.opt_layers, tuple(args.variants.split(",")))
         results.append(rec)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     print("\n| model | fp16 eager ms | fp16 compile ms | qpass op by op, CUDA graph ms | qpass compiled, CUDA graph ms | "
           "+ fused attention ms | torchao compiled ms | qpass × eager | qpass × compile | SQNR dB fp16 / qpass / torchao |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    nan = float("nan")
     for r in results:
-        best = min(r["qpass_w8a8_compiled_graph_ms"], r["qpass_w8a8_compiled_fattn_graph_ms"])
-        print(f"| {r['model']} {r['input']} | {r['fp16_eager_ms']:.2f} | {r['fp16_compile_ms']:.2f} | {r['qpass_w8a8_fp16_graph_ms']:.2f} | "
-              f"{r['qpass_w8a8_compiled_graph_ms']:.2f} | {r['qpass_w8a8_compiled_fattn_graph_ms']:.2f} | "
-              f"{r.get('torchao_w8a8_compiled_ms', float('nan')):.2f} | {r['fp16_eager_ms'] / best:.2f} | {r['fp16_compile_ms'] / best:.2f} | "
-              f"{r['fp16_sqnr_db']:.1f} / {r['qpass_w8a8_compiled_fattn_graph_sqnr_db']:.1f} / {r.get('torchao_w8a8_sqnr_db', float('nan')):.1f} |")
+        g = lambda k: r.get(k, nan)  # noqa: E731 - variants not run print as nan
+        best = min((v for v in (g("qpass_w8a8_compiled_graph_ms"), g("qpass_w8a8_compiled_fattn_graph_ms"), g("qpass_w8a8_fp16_graph_ms"))
+                    if v == v), default=nan)
+        print(f"| {r['model']} {r['input']} | {r['fp16_eager_ms']:.2f} | {r['fp16_compile_ms']:.2f} | {g('qpass_w8a8_fp16_graph_ms'):.2f} | "
+              f"{g('qpass_w8a8_compiled_graph_ms'):.2f} | {g('qpass_w8a8_compiled_fattn_graph_ms'):.2f} | "
+              f"{g('torchao_w8a8_compiled_ms'):.2f} | {r['fp16_eager_ms'] / best:.2f} | {r['fp16_compile_ms'] / best:.2f} | "
+              f"{r['fp16_sqnr_db']:.1f} / {g('qpass_w8a8_compiled_fattn_graph_sqnr_db'):.1f} / {g('torchao_w8a8_sqnr_db'):.1f} |")
+
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "results": results}, f, indent=1)
