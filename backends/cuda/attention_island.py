@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
 
-from qpass.backends.cuda.islands import is_tracing
+from qpass.backends.cuda.islands import is_tracing, per_tensor_qparams
 from qpass.backends.cuda.ops import _torch
-from qpass.graph_utils import const_array, const_scalar
+from qpass.graph_utils import const_scalar, only_consumer
 
 __all__ = ["QuantizedAttention", "match_attention"]
 
@@ -75,11 +74,6 @@ def _attention_op():
     return _ATTENTION_OP[0]
 
 
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
-
-
 def _rank(value: ir.Value) -> int | None:
     return value.shape.rank() if value.shape is not None else None
 
@@ -90,40 +84,36 @@ def match_attention(pv: ir.Node) -> QuantizedAttention | None:
     if pv.op_type != "MatMul" or len(pv.inputs) != 2:
         return None
     dq = pv.inputs[0].producer()
-    if dq is None or dq.op_type != "DequantizeLinear" or _only_reader(dq.outputs[0]) is not pv:
+    if dq is None or dq.op_type != "DequantizeLinear" or only_consumer(dq.outputs[0]) is not pv:
         return None
     quant = dq.inputs[0].producer()
-    if quant is None or quant.op_type != "QuantizeLinear" or _only_reader(quant.outputs[0]) is not dq:
+    if quant is None or quant.op_type != "QuantizeLinear" or only_consumer(quant.outputs[0]) is not dq:
         return None
-    scale, q_scale = const_array(dq.inputs[1]), const_array(quant.inputs[1])
-    zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.uint8)
-    q_zero = const_array(quant.inputs[2]) if len(quant.inputs) > 2 and quant.inputs[2] is not None else np.zeros((), np.uint8)
-    if scale is None or q_scale is None or zero is None or q_zero is None or scale.size != 1 or zero.size != 1:
-        return None
-    if not (np.array_equal(scale, q_scale) and np.array_equal(zero, q_zero)) or zero.dtype not in (np.uint8, np.int8):
+    p_params = per_tensor_qparams(dq)
+    if p_params is None or p_params != per_tensor_qparams(quant):
         return None
     softmax = quant.inputs[0].producer()
-    if softmax is None or softmax.op_type != "Softmax" or _only_reader(softmax.outputs[0]) is not quant:
+    if softmax is None or softmax.op_type != "Softmax" or only_consumer(softmax.outputs[0]) is not quant:
         return None
     if softmax.attributes.get_int("axis", -1) not in (-1, 3) or _rank(softmax.outputs[0]) != 4:
         return None
     nodes, value, mask, sm_scale = [pv, dq, quant, softmax], softmax.inputs[0], None, 1.0
     node = value.producer()
-    if node is not None and node.op_type == "Add" and _only_reader(value) is softmax:
+    if node is not None and node.op_type == "Add" and only_consumer(value) is softmax:
         a, b = node.inputs
         scores, mask = (a, b) if a.producer() is not None and a.producer().op_type in ("Div", "Mul", "MatMul") else (b, a)
         if mask is None or _rank(mask) is None or _rank(mask) > 4 or mask.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             return None
         nodes.append(node)
         value, node = scores, scores.producer()
-    if node is not None and node.op_type in ("Div", "Mul") and _only_reader(value) is not None:
+    if node is not None and node.op_type in ("Div", "Mul") and only_consumer(value) is not None:
         c = const_scalar(node.inputs[1])
         if c is None or c == 0:
             return None
         sm_scale = 1.0 / c if node.op_type == "Div" else c
         nodes.append(node)
         value, node = node.inputs[0], node.inputs[0].producer()
-    if node is None or node.op_type != "MatMul" or _only_reader(value) is None:
+    if node is None or node.op_type != "MatMul" or only_consumer(value) is None:
         return None
     nodes.append(node)
     q, k_t, v = node.inputs[0], node.inputs[1], pv.inputs[1]
@@ -132,6 +122,5 @@ def match_attention(pv: ir.Node) -> QuantizedAttention | None:
     qs, ks, vs = list(q.shape), list(k_t.shape), list(v.shape)  # [B, H, M, D], [B, H, D, N], [B, H, N, D]
     if not (qs[:2] == ks[:2] == vs[:2] and qs[3] == ks[2] == vs[3] and ks[3] == vs[2]):
         return None  # broadcast heads (grouped-query attention) or a different value width: left op by op
-    lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
     return QuantizedAttention(q.name, k_t.name, v.name, mask.name if mask is not None else None, float(sm_scale),
-                              float(scale.reshape(())), int(zero.reshape(())), lo, hi, tuple(id(n) for n in nodes))
+                              *p_params, tuple(id(n) for n in nodes))

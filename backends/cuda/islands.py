@@ -15,7 +15,8 @@ from qpass.backends.cuda.ops import _torch
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array
 
-__all__ = ["QuantizedLinear", "WeightOnlyLinear", "match_island", "match_weight_only", "conv_island", "tracing", "is_tracing"]
+__all__ = ["QuantizedLinear", "WeightOnlyLinear", "match_island", "match_weight_only", "conv_island", "tracing", "is_tracing",
+           "per_tensor_qparams"]
 
 _const = const_array
 
@@ -174,6 +175,17 @@ def match_weight_only(node: ir.Node, device) -> WeightOnlyLinear | None:
         scales=torch.from_numpy(np.ascontiguousarray(scale.astype(np.float32).T)).to(device),
         bias=bias, group=group,
     )
+
+
+def per_tensor_qparams(node: ir.Node) -> tuple[float, int, int, int] | None:
+    """(scale, zero-point, q_min, q_max) of a QuantizeLinear/DequantizeLinear with constant
+    per-tensor 8-bit parameters (no zero-point input: uint8 zero, as ONNX); else None."""
+    scale = _const(node.inputs[1])
+    zero = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros((), np.uint8)
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.uint8, np.int8):
+        return None
+    lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+    return float(scale.reshape(())), int(zero.reshape(())), lo, hi
 
 
 _TRACING = False  # True while a program is traced: plain torch ops and the custom GEMM ops

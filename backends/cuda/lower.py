@@ -23,7 +23,6 @@ codes straight from its epilogue. Model-local functions (``ai.qpass`` log quanti
 their bodies.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from qpass.backends.cuda.attention_island import QuantizedAttention, match_attention
 from qpass.backends.cuda.islands import (
     QuantizedLinear,
@@ -39,12 +39,12 @@ from qpass.backends.cuda.islands import (
     is_tracing,
     match_island,
     match_weight_only,
+    per_tensor_qparams,
     tracing,
 )
 from qpass.backends.cuda.ops import OPS, SHAPE_INPUTS, _torch, attr, to_torch
-
 from qpass.errors import PipelineError
-from qpass.graph_utils import const_array
+from qpass.graph_utils import const_array, only_consumer
 from qpass.op_patterns import match_gelu
 
 __all__ = ["lower", "LoweredProgram", "QuantizedLinear", "WeightOnlyLinear"]
@@ -118,16 +118,15 @@ class LoweredProgram:
 
     def _pair_qdq(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type != "DequantizeLinear" or id(node) in self.skipped or len(node.inputs) < 3:
+            if node.op_type != "DequantizeLinear" or id(node) in self.skipped:
                 continue
             q = node.inputs[0].producer()
-            if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or [v.name for v in q.inputs[1:3]] != [v.name for v in node.inputs[1:3]]:
+            if q is None or q.op_type != "QuantizeLinear":
                 continue
-            scale, zero = _const(node.inputs[1]), _const(node.inputs[2])
-            if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
+            params = per_tensor_qparams(node)
+            if params is None or params != per_tensor_qparams(q):
                 continue
-            lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
-            self.fake_quant[id(node)] = (q.inputs[0].name, float(scale.reshape(())), int(zero.reshape(())), lo, hi)
+            self.fake_quant[id(node)] = (q.inputs[0].name, *params)
             if all(u.node.op_type == "DequantizeLinear" and id(u.node) in self.fake_quant or id(u.node) in self.skipped
                    for u in q.outputs[0].uses()) and not q.outputs[0].is_graph_output():
                 self.skipped.add(id(q))
@@ -144,16 +143,12 @@ class LoweredProgram:
             if matched is not None:
                 gelus[matched[0].name] = matched
 
-        def only_use(value):
-            uses = value.uses()
-            return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
-
         for node in self.model.graph:
             island = self.islands.get(id(node))
             if not isinstance(island, QuantizedLinear) or node.op_type == "Conv":
                 continue
             value, fold, extra_bias, act = node.outputs[0], [], None, None
-            nxt = only_use(value)
+            nxt = only_consumer(value)
             if nxt is not None and nxt.op_type == "Add":
                 b = _const(nxt.inputs[1] if nxt.inputs[0] is value else nxt.inputs[0])
                 rank = value.shape.rank() if value.shape is not None else None
@@ -161,7 +156,7 @@ class LoweredProgram:
                         and rank is not None and b.ndim <= rank):
                     extra_bias, value = b.reshape(-1), nxt.outputs[0]
                     fold.append(nxt)
-                    nxt = only_use(value)
+                    nxt = only_consumer(value)
             if nxt is not None and nxt.op_type in ("Relu", "Gelu"):
                 act = "relu" if nxt.op_type == "Relu" else ("gelu_tanh" if attr(nxt, "approximate", "none") == "tanh" else "gelu")
                 fold.append(nxt)
@@ -172,23 +167,23 @@ class LoweredProgram:
                     act = "gelu_tanh" if approximate == "tanh" else "gelu"
                     fold.extend(nodes)
                     value = out
-            q = only_use(value)
+            q = only_consumer(value)
             if q is None or q.op_type != "QuantizeLinear" or id(q) not in self.skipped:
                 continue
-            scale = _const(q.inputs[1])
-            zero = _const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros((), np.uint8)  # ONNX: uint8
-            if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
+            params = per_tensor_qparams(q)
+            if params is None:
                 continue
+            scale, zero, lo, _ = params
             dqs = [u.node for u in q.outputs[0].uses()]
             if q.outputs[0].is_graph_output() or not all(
                     d.op_type == "DequantizeLinear" and id(d) in self.skipped and id(d) not in self.fake_quant
                     and not d.outputs[0].is_graph_output() and d.outputs[0].uses() for d in dqs):
                 continue
             readers = [u.node for d in dqs for u in d.outputs[0].uses()]
-            if not readers or not all(isinstance(self.islands.get(id(r)), QuantizedLinear) and r.op_type != "Conv" and self.islands[id(r)].x_scale == float(scale.reshape(()))
-                       and self.islands[id(r)].x_zero == int(zero.reshape(())) for r in readers):
+            if not readers or not all(isinstance(self.islands.get(id(r)), QuantizedLinear) and r.op_type != "Conv"
+                                      and (self.islands[id(r)].x_scale, self.islands[id(r)].x_zero) == (scale, zero) for r in readers):
                 continue
-            island.requant = (float(scale.reshape(())), int(zero.reshape(())) - (128 if zero.dtype == np.uint8 else 0))
+            island.requant = (scale, zero - (128 if lo == 0 else 0))  # uint8 codes shifted to int8
             island.activation = act
             if extra_bias is not None:
                 island.fused = (island.fused[0], island.fused[1] + to_torch(extra_bias.astype(np.float32), self.device))
