@@ -29,7 +29,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph_utils import add_initializer, const_array, const_scalar, is_op, only_consumer, unique_name, used_names
+from qpass.graph_utils import add_initializer, const_array, const_scalar, is_op, only_consumer, replace_subgraph, unique_name, used_names
 
 __all__ = ["to_qoperator"]
 
@@ -305,7 +305,7 @@ class _Lowering:
         return add_initializer(self.graph, f"{value.name}_float", floats, taken=self.taken)
 
     def _replace(self, old: list[ir.Node], new: list[ir.Node], old_out: ir.Value, new_out: ir.Value) -> None:
-        ir.convenience.replace_nodes_and_values(self.graph, old[-1], old, new, [old_out], [new_out])
+        replace_subgraph(self.graph, old, new, old_out, new_out)
         for value in (v for n in old for v in n.inputs if v is not None):
             self._maybe_drop_initializer(value)
 

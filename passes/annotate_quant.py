@@ -49,8 +49,7 @@ from collections import Counter
 import onnx_ir as ir
 
 from qpass.pass_base import Pass, PassReport
-from qpass.passes.quantize_softmax_log import QUANTIZED_KEY as LOG_QUANTIZED_KEY
-from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
+from qpass.schemes import LOG_QUANTIZED_KEY, SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
 __all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis", "weight_only"]
 

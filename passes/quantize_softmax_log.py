@@ -29,8 +29,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qpass.graph_utils import const_scalar, is_op, unique_name, used_names
+from qpass.graph_utils import const_scalar, is_op, replace_subgraph, unique_name, used_names
 from qpass.pass_base import Pass, PassReport
+from qpass.schemes import LOG_QUANTIZED_KEY
 
 __all__ = [
     "QuantizeSoftmaxLogPass",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 DOMAIN = "ai.qpass"
-QUANTIZED_KEY = "qpass.log_quantized"  # value.meta mark on the quantizer's outputs: already quantized
+QUANTIZED_KEY = LOG_QUANTIZED_KEY  # value.meta mark on the quantizer's outputs: already quantized
 DEPLOY_FORMS = ("direct", "log2-parity")
 INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
@@ -256,4 +257,4 @@ class QuantizeSoftmaxLogPass(Pass):
         scaled = ir.node("Mul", [value(odd, f"{out.name}_odd"), inv_sqrt2], name=f"{base}_odd_scale")
         add = ir.node("Add", [value(even, f"{out.name}_even"), value(scaled, f"{out.name}_odd_scaled")], name=f"{base}_parity_sum")
         new_nodes = [even, odd, const, scaled, add]
-        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], new_nodes, [out], [add.outputs[0]])
+        replace_subgraph(graph, [matmul], new_nodes, out, add.outputs[0])

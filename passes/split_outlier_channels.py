@@ -228,14 +228,6 @@ class SplitOutlierChannelsPass(Pass):
         report.modified = report.rewritten > 0
         return report
 
-    def _node_name(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._node_names:
-            i += 1
-            name = f"{base}_{i}"
-        self._node_names.add(name)
-        return name
-
     def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         return add_initializer(graph, name, array, taken=self._taken)
 
@@ -244,13 +236,13 @@ class SplitOutlierChannelsPass(Pass):
         producer (a Gather of the few extra channels: a full-index Gather is ~2x slower in onnxruntime)."""
         x, axis, base = view.x, view.axis, view.node.name or view.x.name
         idx = self._initializer(graph, f"{x.name}_split_index", np.asarray(extra, np.int64))
-        gather = ir.node("Gather", [x, idx], {"axis": axis}, name=self._node_name(f"{base}_split_gather"))
-        nodes = [gather, ir.node("Concat", [x, gather.outputs[0]], {"axis": axis}, name=self._node_name(f"{base}_split_concat"))]
+        gather = ir.node("Gather", [x, idx], {"axis": axis}, name=unique_name(graph, f"{base}_split_gather", self._node_names))
+        nodes = [gather, ir.node("Concat", [x, gather.outputs[0]], {"axis": axis}, name=unique_name(graph, f"{base}_split_concat", self._node_names))]
         if mult is not None:
             dtype = x.dtype.numpy() if x.dtype is not None else np.float32
             shape = (-1,) if axis == -1 else (-1,) + (1,) * (view.rows.ndim - 2)  # Conv: x rank = weight rank
             m = self._initializer(graph, f"{x.name}_split_scale", mult.reshape(shape).astype(dtype))
-            nodes.append(ir.node("Mul", [nodes[-1].outputs[0], m], name=self._node_name(f"{base}_split_halve")))
+            nodes.append(ir.node("Mul", [nodes[-1].outputs[0], m], name=unique_name(graph, f"{base}_split_halve", self._node_names)))
         for node in nodes:
             node.outputs[0].name = unique_name(graph, f"{x.name}_split", self._taken)
             node.outputs[0].dtype = x.dtype

@@ -98,9 +98,9 @@ def raise_opset_if_needed(model: ir.Model) -> bool:
                 f"quantized weights need opset {QDQ_OPSET}, but op '{node.op_type}' (node '{node.name}') changes "
                 f"meaning between opset {old} and {QDQ_OPSET}: re-export the model at opset {QDQ_OPSET}"
             )
-    from qpass.graph_utils import unique_name
+    from qpass.graph_utils import unique_name, used_names
 
-    taken = {o.name for n in nodes for o in n.outputs} | set(model.graph.initializers) | {v.name for v in model.graph.inputs}
+    taken = used_names(model.graph) | {o.name for n in nodes for o in n.outputs}
     for node in nodes:
         if old < 18 and node.op_type in _REDUCE_AXES_INPUT and "axes" in node.attributes:
             axes = node.attributes.pop("axes").as_ints()
@@ -461,6 +461,7 @@ def _write_streaming(model: ir.Model, path: Path) -> None:
 
     skeleton_bytes, names, _ = session_bytes(model)
     skeleton = onnx.load_from_string(skeleton_bytes)
+    skeleton.ir_version = model.ir_version  # session bytes may carry a lower one for onnxruntime
     big = set(names)
     kept = [t for t in skeleton.graph.initializer if t.name not in big]
     del skeleton.graph.initializer[:]

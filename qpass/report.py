@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
+from qpass.verify import sqnr_from_sums
 
 __all__ = ["QuantReport", "LayerError", "build_report"]
 
@@ -127,20 +128,14 @@ def build_report(
             noise[k] += float(np.sum(np.square(d, out=d)))
         count += 1
     errors = [
-        LayerError(n.name or n.outputs[0].name, n.op_type, n.outputs[0].name, _sqnr(signal[n.outputs[0].name], noise[n.outputs[0].name]))
+        LayerError(n.name or n.outputs[0].name, n.op_type, n.outputs[0].name, sqnr_from_sums(signal[n.outputs[0].name], noise[n.outputs[0].name]))
         for n in layers
         if n.outputs[0].name in names
     ]
     errors.sort(key=lambda e: e.sqnr_db)
-    out_sqnr = {k: _sqnr(signal[k], noise[k]) for k in model_outputs}
+    out_sqnr = {k: sqnr_from_sums(signal[k], noise[k]) for k in model_outputs}
     fused = ort_backend.fused_op_census(quant_model) if census else {}
     return QuantReport(errors, out_sqnr, _used_nbytes(float_model), _used_nbytes(quant_model), fused, count)
-
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    return float("-inf") if signal == 0.0 else 10.0 * float(np.log10(signal / noise))
 
 
 def _used_nbytes(model: ir.Model) -> int:

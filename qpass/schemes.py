@@ -12,9 +12,10 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["QuantSpec", "SPEC_KEY", "SHARED_PARAMETER_OPS", "qparams_from_range", "INT_RANGES"]
+__all__ = ["QuantSpec", "SPEC_KEY", "LOG_QUANTIZED_KEY", "valid_scale", "SHARED_PARAMETER_OPS", "qparams_from_range", "INT_RANGES"]
 
 SPEC_KEY = "qpass.quant_spec"
+LOG_QUANTIZED_KEY = "qpass.log_quantized"  # value.meta mark: already quantized by a log quantizer
 # data-movement ops: their quantized output reuses the input's scale and zero-point
 SHARED_PARAMETER_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
 
@@ -101,6 +102,13 @@ class QuantSpec:
         return dataclasses.replace(self, **changes)
 
 
+def valid_scale(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """A positive, finite scale (1.0 for a degenerate range), power of two when the spec asks."""
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    scale = np.maximum(scale, np.finfo(np.float32).tiny * 2**10)
+    return 2.0 ** np.ceil(np.log2(scale)) if spec.pow2_scale else scale
+
+
 def qparams_from_range(spec: QuantSpec, lo: np.ndarray | float, hi: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Scale (float32) and zero-point (int64) covering ``[lo, hi]`` (arrays: one per channel).
 
@@ -120,10 +128,7 @@ def qparams_from_range(spec: QuantSpec, lo: np.ndarray | float, hi: np.ndarray |
             zero = np.full(scale.shape, qmin, dtype=np.int64)
     else:
         scale = (hi - lo) / float(qmax - qmin)
-    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-    scale = np.maximum(scale, np.finfo(np.float32).tiny * 2**10)
-    if spec.pow2_scale:
-        scale = 2.0 ** np.ceil(np.log2(scale))
+    scale = valid_scale(scale, spec)
     if not spec.symmetric:
         zero = np.clip(np.round(qmin - lo / scale), qmin, qmax).astype(np.int64)
     return scale.astype(np.float32), zero

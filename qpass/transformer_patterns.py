@@ -3,7 +3,7 @@
 A *Linear* is a MatMul with a constant 2-D weight, or a Gemm with transA = 0, reading the
 activation as its first input (its weight possibly behind Identity nodes). A *group* is a
 LayerNorm over the last axis (fused or decomposed, see
-:func:`qpass.passes.fuse_layernorm.match_layernorm`) with the Linears reading its output,
+:func:`qpass.op_patterns.match_layernorm`) with the Linears reading its output,
 directly or through Identity chains. Both passes scale each Linear's input rows and put
 the inverse into the LayerNorm's gamma and beta (:func:`set_layernorm_affine`).
 """

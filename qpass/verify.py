@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
 
-__all__ = ["RTOL", "ATOL", "probe_feeds", "run_model", "compare_outputs", "sqnr_db"]
+__all__ = ["RTOL", "ATOL", "probe_feeds", "run_model", "compare_outputs", "sqnr_db", "sqnr_from_sums"]
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -108,9 +108,11 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB; inf when equal."""
     ref = reference.astype(np.float64)
     noise = float(np.sum((ref - approx.astype(np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+    return sqnr_from_sums(float(np.sum(ref**2)), noise)
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) of two sums of squares; inf when there is no noise."""
     if noise == 0.0:
         return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * np.log10(signal / noise)
+    return float("-inf") if signal == 0.0 else 10.0 * float(np.log10(signal / noise))

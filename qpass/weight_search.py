@@ -25,21 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qpass.schemes import QuantSpec, qparams_from_range
+from qpass.schemes import QuantSpec, qparams_from_range, valid_scale
 
 __all__ = ["CLIP_RATIOS", "candidate_qparams", "quantization_errors", "orientation", "clip_search"]
 
 CLIP_RATIOS = tuple(round(0.70 + 0.01 * i, 2) for i in range(31))
 _CHUNK = 1 << 17  # elements per chunk: the working arrays (1 MiB of float64) stay in cache
-
-
-def _sanitize(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """The same guards as :func:`qpass.schemes.qparams_from_range`: a positive, finite float32 scale."""
-    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-    scale = np.maximum(scale, np.finfo(np.float32).tiny * 2**10)
-    if spec.pow2_scale:
-        scale = 2.0 ** np.ceil(np.log2(scale))
-    return scale.astype(np.float32)
 
 
 def candidate_qparams(spec: QuantSpec, lo: np.ndarray, hi: np.ndarray, ratios=CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +41,7 @@ def candidate_qparams(spec: QuantSpec, lo: np.ndarray, hi: np.ndarray, ratios=CL
     if spec.symmetric and spec.signed:
         amax = np.maximum(-lo, hi)
         divisors = np.concatenate([[spec.qmax, -spec.qmin], (spec.qmax + 0.5) / np.asarray(ratios, np.float64)])
-        scale = _sanitize(amax / divisors[None, :], spec)
+        scale = valid_scale(amax / divisors[None, :], spec).astype(np.float32)
         return scale, np.zeros(scale.shape, np.int64)
     r = np.concatenate([[[1.0]], r], axis=1)
     return qparams_from_range(spec, lo * r, hi * r)

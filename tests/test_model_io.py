@@ -135,3 +135,12 @@ def test_torch_export_owns_its_weights():
     for name, value in model.graph.initializers.items():
         assert value.const_value.numpy().dtype == before[name].dtype
         np.testing.assert_array_equal(value.const_value.numpy(), before[name])
+
+
+def test_save_keeps_the_models_ir_version(tmp_path):
+    from qpass.demo import demo_cnn
+
+    model = qpass.load_model(demo_cnn())
+    model.ir_version = 10
+    qpass.save_model(model, tmp_path / "m.onnx")
+    assert onnx.load(tmp_path / "m.onnx").ir_version == 10
