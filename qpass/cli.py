@@ -269,12 +269,7 @@ def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_chann
         raise OutputError(f"output '{output}' is the input model: choose another output path (the input is never overwritten)")
     if random_calib and calib is None:
         click.echo(f"qpass: warning: calibrating on {random_calib} RANDOM samples: scales will not fit real data", err=True)
-    if no_data:  # weight-only: scales come from the weights; generated inputs feed only the report
-        from qpass.verify import probe_feeds
-
-        float_model = qpass.load_model(model)
-        calib = [probe_feeds(float_model, seed) for seed in range(4)]
-        del float_model
+    if no_data:  # weight-only: qpass.quantize generates inputs for the checks and the report
         click.echo(f"qpass: note: recipe '{recipe}' quantizes weights only: no calibration data needed; the report compares on 4 generated inputs", err=True)
     result = qpass.quantize(
         model, calib, recipe=recipe, random_calibration=random_calib, limit=limit, verify=not no_verify,

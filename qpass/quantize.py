@@ -19,8 +19,10 @@ import onnx_ir as ir
 from qpass.api import build_passes, check_format, to_format
 from qpass.errors import PipelineError
 from qpass.model_io import load_model
+from qpass.passes.annotate_quant import weight_only
 from qpass.pipeline import PassStats, Pipeline, PipelineResult
 from qpass.report import QuantReport, build_report
+from qpass.verify import probe_feeds
 
 __all__ = ["quantize", "QuantizeResult"]
 
@@ -84,6 +86,10 @@ def quantize(
         raise PipelineError(f"recipe '{recipe}' does not quantize: choose a quantizing recipe (see 'qpass recipes')")
     split = next((i for i, p in enumerate(pass_list) if getattr(p, "name", "") == "annotate-quant"), first_quant)
     ir_model = load_model(model, example_inputs)
+    if calibration is None and not random_calibration and weight_only(pass_list):
+        # weight-only: scales come from the weights; generated inputs feed only checks and the report
+        logger.info("recipe '%s' quantizes weights only: the report compares on 4 generated inputs", recipe)
+        calibration = [probe_feeds(ir_model, seed) for seed in range(4)]
     calib = load_calibration(calibration, ir_model, limit=limit, random_samples=random_calibration)
     if calib.is_random:
         logger.warning("calibrating on RANDOM data: scales will not fit real inputs; pass real calibration data")
