@@ -357,3 +357,12 @@ def test_cli_quantize_w4a16_without_calibration(tmp_path):
     assert saved.opset_import[0].version == 21
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "x.onnx")])  # w8a8 still needs data
     assert result.exit_code == 2 and "needs calibration data" in result.output
+
+
+def test_api_weight_only_needs_no_calibration_data():
+    from qpass.demo import demo_transformer
+
+    result = qpass.quantize(demo_transformer(), None, recipe="w4a16")
+    assert any(n.attributes.get_int("block_size", 0) for n in result.model.graph if n.op_type == "DequantizeLinear")
+    with pytest.raises(qpass.CalibrationError):
+        qpass.quantize(demo_transformer(), None, recipe="w8a8")

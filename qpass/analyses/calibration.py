@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import onnx_ir as ir
 
-from qpass.backends import onnxruntime as ort_backend
+from qpass.analyses.calibration_batches import calibration_batches
 from qpass.errors import CalibrationError
 from qpass.observers import Observer, make_observer
 from qpass.pass_base import Analysis, AnalysisManager
@@ -63,16 +63,10 @@ class Calibration(Analysis):
             name: make_observer(spec, spec.axis if spec.granularity == "channel" else None)
             for name, spec in targets.items()
         }
-        graph_inputs = {v.name for v in model.graph.inputs}
-        outputs = [n for n in targets if n not in graph_inputs]
-        session = ort_backend.make_session(model, extra_outputs=outputs)
-        input_names = {i.name for i in session.get_inputs()}
         wrap = manager.context.get("progress") or (lambda it, **_: it)
         samples = 0
-        for feeds in wrap(data, desc="calibrating", unit="batch"):
-            results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in input_names}, outputs)
-            for name in targets:
-                array = feeds[name] if name in graph_inputs else results[name]
+        for values in calibration_batches(model, targets, wrap(data, desc="calibrating", unit="batch")):
+            for name, array in values.items():
                 try:
                     observers[name].update(array)
                 except ValueError as e:
