@@ -51,7 +51,7 @@ import onnx_ir as ir
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import LOG_QUANTIZED_KEY, SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
-__all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis", "weight_only"]
+__all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis"]
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
@@ -87,21 +87,6 @@ def _group_skip(node: ir.Node, weight: ir.Value) -> str | None:
     if weight.const_value.dtype != ir.DataType.FLOAT:
         return "group-wise weight not float32"
     return None
-
-
-# passes that read no data: a pipeline of these and weight-only annotation needs no calibration
-_DATA_FREE = ("fold-constants", "remove-noops", "fold-batchnorm", "fuse-layernorm", "fuse-gelu", "eliminate-dead-nodes", "insert-qdq")
-
-
-def weight_only(passes) -> bool:
-    """True when ``passes`` quantize weights only (``annotate-quant`` with ``activations`` false)
-    and read no calibration data."""
-    names = [getattr(p, "name", "") for p in passes]
-    annotations = [p for p in passes if getattr(p, "name", "") == "annotate-quant"]
-    quantizes_activations = any(
-        p.activations or any(o.get("activations", False) for o in p.overrides.values()) for p in annotations
-    )
-    return bool(annotations) and not quantizes_activations and all(n in _DATA_FREE or n == "annotate-quant" for n in names)
 
 
 def _log_quantized(value: ir.Value) -> bool:

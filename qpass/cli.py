@@ -257,9 +257,8 @@ def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_chann
     """Quantize MODEL with calibration data and write a model onnxruntime runs with integer kernels:
     QDQ (default) or, with --format qoperator, integer operators."""
     import qpass
-    from qpass.api import build_passes, check_format
+    from qpass.api import build_passes, check_format, weight_only
     from qpass.errors import CalibrationError, OutputError
-    from qpass.passes.annotate_quant import weight_only
 
     check_format(out_format, contrib_ops)
     no_data = calib is None and not random_calib

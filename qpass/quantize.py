@@ -16,10 +16,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qpass.api import build_passes, check_format, to_format
+from qpass.api import build_passes, check_format, to_format, weight_only
 from qpass.errors import PipelineError
 from qpass.model_io import load_model
-from qpass.passes.annotate_quant import weight_only
 from qpass.pipeline import PassStats, Pipeline, PipelineResult
 from qpass.report import QuantReport, build_report
 from qpass.verify import probe_feeds

@@ -9,11 +9,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import qpass
-from qpass.api import build_passes
+from qpass.api import build_passes, weight_only
 from qpass.backends.onnxruntime import fused_op_census, make_session
 from qpass.cli import main
 from qpass.demo import demo_calibration, demo_cnn, demo_transformer
-from qpass.passes.annotate_quant import weight_only
 from qpass.verify import probe_feeds, run_model, sqnr_db
 
 
