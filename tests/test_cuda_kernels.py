@@ -258,6 +258,36 @@ def test_gpu_int8_gemm_float_epilogue(per_token, per_channel, with_bias, dtype, 
     torch.testing.assert_close(got.float(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
+def _tma_configs():
+    try:
+        from qpass.backends.cuda.kernels._triton_int8_gemm import TMA_CONFIGS
+    except ImportError:  # no triton: the GPU tests skip anyway
+        return [None]
+    return [dict(c.kwargs, num_stages=c.num_stages, num_warps=c.num_warps) for c in TMA_CONFIGS]
+
+
+@gpu
+@pytest.mark.parametrize("config", _tma_configs(), ids=lambda c: "-".join(str(v) for v in (c or {}).values()))
+def test_gpu_int8_gemm_every_tma_config(config):
+    """Each config of the persistent TMA kernel (split epilogues included) on partial edge tiles:
+    int32 exact, float epilogue within 1e-3, requantized GELU within 1 LSB."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    m, n, k = 300, 200, 384
+    gen = torch.Generator().manual_seed(21)
+    a, b = _cuda_i8(gen, m, k), _cuda_i8(gen, n, k)
+    sa, sb = (torch.rand(m, generator=gen) * 0.01 + 1e-3).cuda(), (torch.rand(n, generator=gen) * 0.01 + 1e-3).cuda()
+    bias = torch.randn(n, generator=gen).cuda()
+    acc = int8_gemm(a, b, out_dtype=torch.int32, backend="tma", config=config)
+    assert torch.equal(acc.cpu().long(), a.cpu().long() @ b.cpu().long().T)
+    got = int8_gemm(a, b, sa, sb, bias, out_dtype=torch.float16, backend="tma", config=config)
+    ref = int8_gemm(a, b, sa, sb, bias, out_dtype=torch.float32, backend="reference")
+    torch.testing.assert_close(got.float(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+    got = int8_gemm(a, b, sa, sb, bias, requant=(0.05, -3), activation="gelu", backend="tma", config=config)
+    ref = int8_gemm(a, b, sa, sb, bias, requant=(0.05, -3), activation="gelu", backend="reference")
+    assert (got.cpu().int() - ref.cpu().int()).abs().max() <= 1
+
+
 @gpu
 @pytest.mark.parametrize("backend", ["fixed", "tma"])
 def test_gpu_int8_gemm_requant_within_one_lsb(backend):

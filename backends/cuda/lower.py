@@ -55,7 +55,7 @@ _const = const_array
 class LoweredProgram:
     """A callable torch program for a quantized ONNX model. ``program(**inputs)`` -> dict of outputs."""
 
-    def __init__(self, model: ir.Model, device: str = "cpu", dtype: str = "float32", fused_attention: bool = False):
+    def __init__(self, model: ir.Model, device: str = "cpu", dtype: str = "float32", fused_attention: bool | None = None):
         torch = _torch()
         if dtype not in ("float32", "float16"):
             raise PipelineError(f"the CUDA backend computes in float32 or float16, not '{dtype}'")
@@ -100,6 +100,8 @@ class LoweredProgram:
                 self.skipped.add(id(node))
         # after the Q/DQ skipping: the attention kernel reads q, k and v as floats
         self.attention: dict[int, QuantizedAttention] = {}
+        if fused_attention is None:  # the fused kernel is the faster path for float16 on the GPU
+            fused_attention = self.device.type == "cuda" and self.dtype == torch.float16
         for node in model.graph if fused_attention else ():
             found = match_attention(node)
             if found is not None:
@@ -391,10 +393,11 @@ def _check_input(info: ir.Value, value) -> None:
         raise PipelineError(f"model input '{info.name}' must have shape {want}, got {list(value.shape)}")
 
 
-def lower(model: ir.Model, device: str | None = None, dtype: str = "float32", fused_attention: bool = False) -> LoweredProgram:
+def lower(model: ir.Model, device: str | None = None, dtype: str = "float32", fused_attention: bool | None = None) -> LoweredProgram:
     """Lower ``model`` for ``device`` ("cuda" when available, else "cpu"); float ops in ``dtype``.
     ``fused_attention``: run attention blocks with quantized probabilities as one kernel
-    (:mod:`qpass.backends.cuda.attention_island`)."""
+    (:mod:`qpass.backends.cuda.attention_island`); by default on for float16 on the GPU,
+    where it is faster, and off elsewhere (the op-by-op path is the reference)."""
     torch = _torch()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

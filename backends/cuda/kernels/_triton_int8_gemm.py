@@ -181,20 +181,24 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
               EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
 
 
-def _tma_cfg(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
-                         num_warps=warps, pre_hook=_tma_block_hook)
+def _tma_cfg(bm, bn, bk, stages, warps, subtile=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPI_SUBTILE": subtile},
+                         num_stages=stages, num_warps=warps, pre_hook=_tma_block_hook)
 
 
 def _tma_block_hook(nargs):
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
     if nargs.get("c_desc") is not None:
-        nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+        nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // (2 if nargs["EPI_SUBTILE"] else 1)]
 
 
+# EPI_SUBTILE: the epilogue runs and stores the tile in two halves along N, which halves its
+# registers and staging buffer and leaves shared memory for a deeper pipeline (256x128 x 4 stages)
 TMA_CONFIGS = [_tma_cfg(*c) for c in [(128, 128, 128, 4, 8), (128, 128, 128, 5, 4), (128, 256, 128, 3, 8),
-                                      (128, 256, 128, 4, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4)]]
+                                      (128, 256, 128, 4, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
+                                      (256, 128, 128, 4, 8, True), (128, 256, 128, 4, 8, True),
+                                      (128, 128, 256, 3, 8, True), (256, 128, 128, 3, 8, True)]]
 
 
 @triton.jit
@@ -213,7 +217,8 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_pt
                           out_inv, out_zero, M_BUCKET,
                           EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
                           HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, C_TMA: tl.constexpr, NUM_SMS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          EPI_SUBTILE: tl.constexpr):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -233,14 +238,33 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, bias_pt
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_pid(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tile = _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_inv, out_zero, c_ptr,
-                              EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
-        if C_TMA:
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tile)  # async; clipped at the edges
+        if EPI_SUBTILE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _tma_epilogue(acc0, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_desc, c_ptr, stride_cm, stride_cn, as_ptr,
+                          bs_ptr, bias_ptr, out_inv, out_zero, BLOCK_M, BLOCK_N // 2,
+                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION, C_TMA)
+            _tma_epilogue(acc1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, M, N, c_desc, c_ptr, stride_cm,
+                          stride_cn, as_ptr, bs_ptr, bias_ptr, out_inv, out_zero, BLOCK_M, BLOCK_N // 2,
+                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION, C_TMA)
         else:
-            _store_tile(tile, rm, rn, M, N, c_ptr, stride_cm, stride_cn)
+            _tma_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_desc, c_ptr, stride_cm, stride_cn, as_ptr,
+                          bs_ptr, bias_ptr, out_inv, out_zero, BLOCK_M, BLOCK_N,
+                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION, C_TMA)
+
+
+@triton.jit
+def _tma_epilogue(acc, off_m, off_n, M, N, c_desc, c_ptr, stride_cm, stride_cn, as_ptr, bs_ptr, bias_ptr, out_inv,
+                  out_zero, TILE_M: tl.constexpr, TILE_N: tl.constexpr, EPILOGUE: tl.constexpr, A_PER_ROW: tl.constexpr,
+                  B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, C_TMA: tl.constexpr):
+    """The epilogue of one [TILE_M, TILE_N] accumulator tile at (off_m, off_n), stored by TMA or pointers."""
+    rm = off_m + tl.arange(0, TILE_M)
+    rn = off_n + tl.arange(0, TILE_N)
+    tile = _epilogue_tile(acc, rm, rn, M, N, as_ptr, bs_ptr, bias_ptr, out_inv, out_zero, c_ptr,
+                          EPILOGUE, A_PER_ROW, B_PER_COL, HAS_BIAS, ACTIVATION)
+    if C_TMA:
+        c_desc.store([off_m, off_n], tile)  # async; clipped at the edges
+    else:
+        _store_tile(tile, rm, rn, M, N, c_ptr, stride_cm, stride_cn)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -263,8 +287,8 @@ def launch(a, b_t, c, a_scale, b_scale, bias, epilogue: int, out_scale: float, o
            config: dict | None = None, activation: str | None = None) -> None:
     """Launch one kernel ("ptr" or "tma") on CUDA tensors validated by the caller.
 
-    ``config`` (BLOCK_M/N/K, GROUP_M, num_stages, num_warps) bypasses the autotuner of the
-    pointer kernel: tests use it to run several epilogues without tuning each.
+    ``config`` (BLOCK_M/N/K, GROUP_M, num_stages, num_warps; EPI_SUBTILE for "tma") bypasses
+    the autotuner: tests use it to run several epilogues and every TMA config without tuning.
     """
     M, K = a.shape
     N = b_t.shape[0]
@@ -289,8 +313,15 @@ def launch(a, b_t, c, a_scale, b_scale, bias, epilogue: int, out_scale: float, o
         c_tma = (TMA_STORE and c.element_size() <= 2 and c.stride(1) == 1 and (c.stride(0) * c.element_size()) % 16 == 0
                  and c.data_ptr() % 16 == 0)
         c_desc = TensorDescriptor.from_tensor(c, [1, 1]) if c_tma else None
-        _int8_gemm_tma_kernel[grid](a_desc, b_desc, c_desc, c, as_, bs_, bias_, M, N, K, c.stride(0), c.stride(1),
-                                    out_inv, int(out_zero), mb, C_TMA=c_tma, NUM_SMS=sms, **flags)
+        args = (a_desc, b_desc, c_desc, c, as_, bs_, bias_, M, N, K, c.stride(0), c.stride(1), out_inv, int(out_zero), mb)
+        if config is None:
+            _int8_gemm_tma_kernel[grid](*args, C_TMA=c_tma, NUM_SMS=sms, **flags)
+            return
+        cfg = dict(config)
+        meta = {k: cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        meta.update(GROUP_M=cfg.pop("GROUP_M", 8), EPI_SUBTILE=cfg.pop("EPI_SUBTILE", False))
+        _tma_block_hook({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **meta})
+        _int8_gemm_tma_kernel.fn[grid(meta)](*args, C_TMA=c_tma, NUM_SMS=sms, **flags, **meta, **cfg)
         return
 
     def grid(meta):

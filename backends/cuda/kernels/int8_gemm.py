@@ -134,8 +134,9 @@ def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None,
     ``out_dtype``: ``torch.float16`` (default), ``torch.float32`` or ``torch.int32`` (raw
     accumulator). ``requant=(out_scale, out_zero)`` gives int8 output. ``backend``: "auto"
     (Triton on CUDA tensors, else the reference), "tma" (the persistent TMA kernel), "ptr" (the
-    pointer kernel) or "reference". ``config`` pins one pointer-kernel config
-    (tests), e.g. ``dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=4)``.
+    pointer kernel) or "reference". ``config`` pins one kernel config (tests), e.g.
+    ``dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=4)`` for the pointer
+    kernel (or, with ``backend="tma"``, one of the TMA kernel's configs).
     """
     torch = _torch()
     out_dtype = torch.float16 if out_dtype is None else out_dtype
