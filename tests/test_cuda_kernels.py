@@ -278,14 +278,22 @@ def test_gpu_int8_gemm_every_tma_config(config):
     a, b = _cuda_i8(gen, m, k), _cuda_i8(gen, n, k)
     sa, sb = (torch.rand(m, generator=gen) * 0.01 + 1e-3).cuda(), (torch.rand(n, generator=gen) * 0.01 + 1e-3).cuda()
     bias = torch.randn(n, generator=gen).cuda()
-    acc = int8_gemm(a, b, out_dtype=torch.int32, backend="tma", config=config)
-    assert torch.equal(acc.cpu().long(), a.cpu().long() @ b.cpu().long().T)
+    from triton.runtime.errors import OutOfResources
+
+    ran = 0
+    try:  # int32 tiles stored by pointers: the widest configs exceed shared memory (the autotuner skips them too)
+        acc = int8_gemm(a, b, out_dtype=torch.int32, backend="tma", config=config)
+        assert torch.equal(acc.cpu().long(), a.cpu().long() @ b.cpu().long().T)
+        ran += 1
+    except OutOfResources:
+        pass
     got = int8_gemm(a, b, sa, sb, bias, out_dtype=torch.float16, backend="tma", config=config)
     ref = int8_gemm(a, b, sa, sb, bias, out_dtype=torch.float32, backend="reference")
     torch.testing.assert_close(got.float(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
     got = int8_gemm(a, b, sa, sb, bias, requant=(0.05, -3), activation="gelu", backend="tma", config=config)
     ref = int8_gemm(a, b, sa, sb, bias, requant=(0.05, -3), activation="gelu", backend="reference")
     assert (got.cpu().int() - ref.cpu().int()).abs().max() <= 1
+    assert ran or config["BLOCK_M"] * config["BLOCK_N"] * 4 > 64 * 1024
 
 
 @gpu

@@ -196,7 +196,7 @@ def _tma_block_hook(nargs):
 # EPI_SUBTILE: the epilogue runs and stores the tile in two halves along N, which halves its
 # registers and staging buffer and leaves shared memory for a deeper pipeline (256x128 x 4 stages)
 TMA_CONFIGS = [_tma_cfg(*c) for c in [(128, 128, 128, 4, 8), (128, 128, 128, 5, 4), (128, 256, 128, 3, 8),
-                                      (128, 256, 128, 4, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
+                                      (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
                                       (256, 128, 128, 4, 8, True), (128, 256, 128, 4, 8, True),
                                       (128, 128, 256, 3, 8, True), (256, 128, 128, 3, 8, True)]]
 

@@ -2,24 +2,28 @@
 
 Weights arrive packed: byte ``p[n, j]`` holds ``q[n, 2j]`` in its low nibble and
 ``q[n, 2j+1]`` in its high nibble (two's complement, [-8, 7]); scales ``s[n, g]``, one per
-group of ``GROUP`` (128) K-elements. Both kernels are weight-streaming (memory-bound) and
-read each weight tile as a 3-D block ``[BLOCK_N, BLOCK_K // GROUP, GROUP // 2]`` of bytes
-(contiguous per output channel). The autotuner chooses per shape between triton's software
-pipeliner (``num_stages`` tiles in flight) and a register double-buffer (``PREFETCH``: the
-next tile's bytes and scales loaded one iteration ahead). Nibbles become numbers without int->float conversions: a nibble
-``u`` xor'ed into the bit pattern of 2**23 (or 1024 in float16) with its sign bit flipped,
-``(u ^ 8) = q + 8``, reads as ``2**23 + 8 + q``; one subtraction gives ``q`` exactly.
+group of ``GROUP`` (128) K-elements. Both kernels are weight-streaming (memory-bound).
+Nibbles become numbers without int->float conversions: a nibble ``u`` xor'ed into the bit
+pattern of 2**23 (or 1024 in float16) with its sign bit flipped, ``(u ^ 8) = q + 8``, reads
+as ``2**23 + 8 + q``; one subtraction gives ``q`` exactly.
 
-``_w4a16_gemv_kernel`` (M == 1, one program per BLOCK_N channels and row): CUDA-core
-multiply-adds in float32, each group's sum scaled in float32 — the reference's arithmetic.
-``_w4a16_dot_kernel`` (2 <= M <= 16, a 16-row tile): dequantizes the tile to float16
-``W = fp16(q * s)`` (as a float16 layer with dequantized weights would hold it),
-interleaves low/high nibbles back into K order (``tl.join`` + reshape) and runs one float16
-tensor-core dot per tile with float32 accumulation.
+``_w4a16_gemv_kernel`` (M == 1, one program per BLOCK_N channels and row): reads the weights
+as int32 words (8 nibbles, ``k = 8 w + j`` in nibble ``j``) in ``[BLOCK_N, BLOCK_K // 8]``
+tiles, multiplies in float32 on the CUDA cores, scales each word's partial sum by its group's
+scale and keeps a 2-D accumulator that is reduced once at the end (no per-tile reductions,
+few registers, so many tiles in flight).
+``_w4a16_dot_kernel`` (2 <= M <= 16, a 16-row tile): reads ``[BLOCK_N, BLOCK_K // GROUP,
+GROUP // 2]`` byte tiles, dequantizes them to float16 ``W = fp16(q * s)`` (as a float16
+layer with dequantized weights would hold it), interleaves low/high nibbles back into K
+order (``tl.join`` + reshape) and runs one float16 tensor-core dot per tile with float32
+accumulation. Its autotuner chooses between triton's software pipeliner (``num_stages``
+tiles in flight) and a register double-buffer (``PREFETCH``: the next tile loaded one
+iteration ahead).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -30,12 +34,15 @@ def _cfg(bn, bk, stages, warps, prefetch):
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": prefetch}, num_stages=stages, num_warps=warps)
 
 
+def _gemv_cfg(bn, bk, stages, warps):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
+
+
+GEMV_CONFIGS = [_gemv_cfg(*c) for c in [(16, 2048, 3, 4), (16, 2048, 1, 4), (8, 2048, 3, 4), (4, 2048, 1, 2),
+                                        (16, 1024, 3, 4), (4, 1024, 3, 2), (16, 512, 1, 2), (8, 2048, 3, 2),
+                                        (16, 256, 3, 4), (8, 256, 3, 2)]]
 # PREFETCH=False leaves the loads in the loop body to triton's software pipeliner (num_stages
-# deep; a loop without a dot pipelines all its loads); PREFETCH=True double-buffers in registers.
-GEMV_CONFIGS = [_cfg(*c) for c in [(8, 1024, 1, 4, True), (16, 512, 1, 4, True), (16, 1024, 1, 4, True),
-                                   (8, 1024, 3, 4, False), (16, 512, 3, 4, False), (16, 512, 4, 4, False),
-                                   (32, 256, 4, 4, False), (8, 512, 4, 4, False), (16, 1024, 3, 8, False),
-                                   (32, 512, 3, 8, False)]]
+# deep); PREFETCH=True double-buffers in registers.
 DOT_CONFIGS = [_cfg(*c) for c in [(32, 256, 3, 4, True), (16, 512, 3, 4, True), (16, 256, 3, 4, True),
                                   (32, 256, 3, 4, False), (32, 256, 4, 4, False), (16, 256, 4, 4, False),
                                   (64, 256, 3, 4, False), (32, 512, 3, 4, False), (16, 512, 3, 4, False),
@@ -45,61 +52,40 @@ DOT_CONFIGS = [_cfg(*c) for c in [(32, 256, 3, 4, True), (16, 512, 3, 4, True), 
 def _prune(configs, named_args, **kwargs):
     k = named_args["K"]
     out = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
-    return out or [_cfg(16, 128, 3, 4, False)]
-
-
-@triton.jit
-def _gemv_tile(p, s, xe, xo):
-    """[BN, G, HALF] packed bytes, [BN, G] scales, [G, HALF] even/odd x -> [BN] float32."""
-    pi = p.to(tl.int32)
-    lo = ((pi & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-    hi = (((pi >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-    part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, G] group sums
-    return tl.sum(part * s.to(tl.float32), axis=1)
+    if out:
+        return out
+    bk = min(128, k & -k)  # the largest power of two dividing K: a multiple of the group
+    return [_cfg(16, bk, 3, 4, False) if "PREFETCH" in configs[0].kwargs else _gemv_cfg(16, bk, 3, 4)]
 
 
 @autotune(configs=GEMV_CONFIGS, key=["N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    HALF: tl.constexpr = GROUP // 2
-    G: tl.constexpr = BLOCK_K // GROUP
+    WORDS: tl.constexpr = BLOCK_K // 8  # int32 words (8 nibbles each) per row and tile
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_w = rn % N  # wrapped rows are computed but never stored
-    rg = tl.arange(0, G)
-    rh = tl.arange(0, HALF)
-    w_ptrs = w_ptr + (rn_w[:, None, None].to(tl.int64) * stride_wn + rg[None, :, None] * HALF + rh[None, None, :])
-    s_ptrs = s_ptr + (rn_w[:, None] * stride_sn + rg[None, :])
-    x_even = x_ptr + m * stride_xm + rg[:, None] * GROUP + 2 * rh[None, :]  # [G, HALF]
-    n_tiles = K // BLOCK_K
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PREFETCH:
-        p = tl.load(w_ptrs)
-        s = tl.load(s_ptrs)
-        for i in range(n_tiles):
-            k0 = i * BLOCK_K
-            nxt = tl.minimum(i + 1, n_tiles - 1) * BLOCK_K  # the last iteration re-reads its own tile
-            p_next = tl.load(w_ptrs + nxt // 2)
-            s_next = tl.load(s_ptrs + nxt // GROUP)
-            xe = tl.load(x_even + k0).to(tl.float32)
-            xo = tl.load(x_even + k0 + 1).to(tl.float32)
-            acc += _gemv_tile(p, s, xe, xo)
-            p = p_next
-            s = s_next
-    else:
-        for i in range(n_tiles):
-            k0 = i * BLOCK_K
-            p = tl.load(w_ptrs + k0 // 2)
-            s = tl.load(s_ptrs + k0 // GROUP)
-            xe = tl.load(x_even + k0).to(tl.float32)
-            xo = tl.load(x_even + k0 + 1).to(tl.float32)
-            acc += _gemv_tile(p, s, xe, xo)
+    rw = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + (rn_w[:, None].to(tl.int64) * stride_wn + rw[None, :])
+    s_ptrs = s_ptr + (rn_w[:, None] * stride_sn + (rw[None, :] * 8) // GROUP)
+    x_ptrs = x_ptr + m * stride_xm + rw * 8
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for i in range(K // BLOCK_K):
+        k0 = i * BLOCK_K
+        w = tl.load(w_ptrs + k0 // 8)
+        s = tl.load(s_ptrs + k0 // GROUP).to(tl.float32)
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for j in tl.static_range(8):  # nibble j of word w holds k = 8 w + j
+            xj = tl.load(x_ptrs + k0 + j).to(tl.float32)
+            qj = (((w >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+            part += qj * xj[None, :]
+        acc += part * s
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_w).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+        y += tl.load(bias_ptr + rn_w).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -168,7 +154,8 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), M)
 
-        _w4a16_gemv_kernel[grid](x, w_packed, scales, b, y, N, K, x.stride(0), w_packed.stride(0), scales.stride(0),
+        w32 = w_packed.view(torch.int32)  # rows of K // 2 bytes: K is a multiple of the group (>= 32)
+        _w4a16_gemv_kernel[grid](x, w32, scales, b, y, N, K, x.stride(0), w32.stride(0), scales.stride(0),
                                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group)
         return
     block_m = 16

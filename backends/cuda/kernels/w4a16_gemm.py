@@ -18,8 +18,8 @@ Semantics (the reference, and the M == 1 kernel)::
 Inner group sums are exact products of fp16 activations and small integers accumulated in
 float32; the scale multiplies each group's float32 partial sum. Kernels (Triton, CUDA):
 
-* ``kernel="gemv"`` (default for M == 1): exactly that arithmetic on CUDA cores, in a
-  different summation order.
+* ``kernel="gemv"`` (default for M == 1): that arithmetic on CUDA cores in another order
+  (the scale multiplies partial sums of 8 k's, which add up to the group sum).
 * ``kernel="dot"`` (default for 2 <= M <= 16, any M works in 16-row tiles): dequantizes
   each weight tile to float16 ``W = fp16(q * s16)`` (scales rounded to float16 first) — the
   weights a float16 model would hold — and runs float16 tensor-core dots with float32
