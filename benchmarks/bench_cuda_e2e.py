@@ -174,7 +174,7 @@ def bench(kind: str, iters: int, opt_layers: int, variants=VARIANTS) -> dict:
         compiled(xh)
         rec["compile_s"] = time.perf_counter() - t0
         rec["fp16_compile_ms"] = cuda_time(lambda: compiled(xh), iters)
-    program = lower(quantized, "cuda", dtype="float16")
+    program = lower(quantized, "cuda", dtype="float16", fused_attention=False)
     runs = {"op": ("qpass_w8a8_fp16", program), "compiled": ("qpass_w8a8_compiled", False), "fattn": ("qpass_w8a8_compiled_fattn", True)}
     for key, run in (runs[v] for v in variants if v in runs):
         if isinstance(run, bool):  # traced and compiled (quantize/casts fuse into producers); fused attention or not
