@@ -15,7 +15,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).parent

@@ -69,7 +69,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -791,7 +790,6 @@ def bench_model(name: str, src: Path, calib, eval_feeds, lat_feed, evaluate, met
     for row in rows.values():
         if "latency_ms" in row and f_lat:
             row["speedup"] = {t: f_lat[t] / v for t, v in row["latency_ms"].items()}
-    key = metrics[0][0]
     ok_ort = {k: r for k, r in rows.items() if r.get("grid") and "metrics" in r}
     best_ort = max(ok_ort, key=lambda k: tuple(ok_ort[k]["metrics"][m] for m, _ in metrics)) if ok_ort else None
     return {"model": name, "file": str(src), "size_mb": src.stat().st_size / 2**20, "rows": rows, "metrics": metrics,

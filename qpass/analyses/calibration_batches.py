@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -20,8 +21,21 @@ def calibration_batches(
     names = list(names)
     graph_inputs = {v.name for v in model.graph.inputs}
     outputs = [n for n in names if n not in graph_inputs]
-    session = ort_backend.make_session(model, extra_outputs=outputs)
+    # onnxruntime runs batch i+1 on a worker thread (it releases the GIL) while the caller's
+    # observers digest batch i; batches still come back in order. Idle onnxruntime threads
+    # sleep instead of spinning, so they leave the cores to the observers.
+    session = ort_backend.make_session(model, extra_outputs=outputs, config={"session.intra_op.allow_spinning": "0"})
     inputs = {i.name for i in session.get_inputs()}
-    for feeds in data:
-        results = ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
-        yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
+
+    def run(feeds):
+        return feeds, ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+
+    batches = iter(data)
+    with ThreadPoolExecutor(1) as worker:
+        first = next(batches, None)
+        pending = None if first is None else worker.submit(run, first)
+        while pending is not None:
+            feeds, results = pending.result()
+            upcoming = next(batches, None)
+            pending = None if upcoming is None else worker.submit(run, upcoming)
+            yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
