@@ -45,30 +45,37 @@ def quantize_array(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: Qua
 
     Group-wise specs take ``scale`` and ``zero`` with one entry per group along ``axis``.
     """
+    dtype = _NP_DTYPES[spec.dtype]
     if spec.granularity == "group":
         scale, zero = (_expand_groups(a, axis, spec.group_size, x.shape[axis]) for a in (scale, zero))
-        q = np.clip(np.round(x.astype(np.float64) / scale) + zero, spec.qmin, spec.qmax)
-        return q.astype(_NP_DTYPES[spec.dtype])
-    # one row per scale; the float64 arithmetic runs in place on blocks of ~64K values, so large
-    # weights never hold several full-size float64 temporaries
+        out = np.empty(x.shape, dtype)
+        _quantize_block(x, scale, zero, spec, out)
+        return out
+    # one row per scale, quantized in blocks of ~64K values: large weights never hold several
+    # full-size float64 temporaries
     rows = np.moveaxis(x, axis, 0) if axis is not None else x.reshape(1, -1)
     flat = rows.reshape(rows.shape[0], -1)
     s, z = np.reshape(scale, (-1, 1)), np.reshape(zero, (-1, 1))
-    out = np.empty(flat.shape, _NP_DTYPES[spec.dtype])
+    out = np.empty(flat.shape, dtype)
     n_rows, n_cols = flat.shape
     col_step = max(1, min(n_cols, _BLOCK))
     row_step = max(1, _BLOCK // col_step)
     for i in range(0, n_rows, row_step):
-        si, zi = (s, z) if len(s) == 1 else (s[i:i + row_step], z[i:i + row_step])
         for j in range(0, n_cols, col_step):
-            buf = flat[i:i + row_step, j:j + col_step].astype(np.float64)
-            np.divide(buf, si, out=buf)
-            np.round(buf, out=buf)
-            np.add(buf, zi, out=buf)
-            np.clip(buf, spec.qmin, spec.qmax, out=buf)
-            out[i:i + row_step, j:j + col_step] = buf
+            rs, cs = slice(i, i + row_step), slice(j, j + col_step)
+            _quantize_block(flat[rs, cs], s[rs], z[rs], spec, out[rs, cs])
     out = out.reshape(rows.shape)
     return np.moveaxis(out, 0, axis) if axis is not None else out.reshape(x.shape)
+
+
+def _quantize_block(x: np.ndarray, scale, zero, spec: QuantSpec, out: np.ndarray) -> None:
+    """``out[...] = clip(round_half_even(x / scale) + zero)`` in float64, in place on one copy of ``x``."""
+    buf = x.astype(np.float64)
+    np.divide(buf, scale, out=buf)
+    np.round(buf, out=buf)
+    np.add(buf, zero, out=buf)
+    np.clip(buf, spec.qmin, spec.qmax, out=buf)
+    out[...] = buf
 
 
 _BLOCK = 1 << 16
