@@ -208,7 +208,8 @@ class InsertQDQPass(Pass):
         shape = value.shape
         if self._untranspose(node, value, params):
             # weight-only Gemm: store W as [K, N] and clear transB, the layout MatMulNBits fusion reads
-            w, spec, shape = w.T, spec.replace(axis=1 - spec.axis), ir.Shape(reversed(value.shape.dims))
+            w, shape = w.T, ir.Shape(reversed(value.shape.dims))
+            spec = spec.replace(axis=1 - spec.axis) if spec.axis is not None else spec
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
         scale, zero, axis = _weight_params(w, spec)
         if bias is not None:

@@ -30,6 +30,21 @@ def test_lowered_program_matches_onnxruntime(builder, recipe, islands):
             np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=2e-6 * np.abs(expected).max() + 1e-6)
 
 
+@pytest.mark.parametrize("options", [dict(group_size=32), dict(activation_dtype="int16")], ids=["int8-groups", "int16-activations"])
+def test_schemes_without_integer_islands_run_op_by_op(options):
+    """Group-wise int8 weights and 16-bit activations have no integer kernel: they run op by op,
+    matching onnxruntime (16-bit codes are not clamped to 8 bits)."""
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False, **options).model
+    program = lower(model, "cpu")
+    assert not any(isinstance(i, QuantizedLinear) for i in program.islands.values())
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, value in ref.items():
+            np.testing.assert_allclose(got[name].cpu().numpy(), value, rtol=1e-3, atol=1e-3 * np.abs(value).max())
+
+
 def test_integer_island_is_exact():
     rng = np.random.default_rng(0)
     w_t = rng.integers(-127, 128, (5, 7)).astype(np.int8)

@@ -365,3 +365,18 @@ def test_api_weight_only_needs_no_calibration_data():
     assert any(n.attributes.get_int("block_size", 0) for n in result.model.graph if n.op_type == "DequantizeLinear")
     with pytest.raises(qpass.CalibrationError):
         qpass.quantize(demo_transformer(), None, recipe="w8a8")
+
+
+def test_per_tensor_weight_only_gemm_untransposes():
+    """w8a16 with per-tensor weights on a lone Gemm(transB=1): the weight is stored [K, N] as well."""
+    rng = np.random.default_rng(2)
+    wt = rng.standard_normal((24, 160)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "Wt"], ["g"], name="gemm_t", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 160])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 24])], [numpy_helper.from_array(wt, "Wt")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, recipe="w8a16", per_channel=False, report=False).model
+    gemm = model.graph.node("gemm_t")
+    assert gemm.attributes.get_int("transB", 0) == 0 and gemm.inputs[1].producer().inputs[1].const_value.size == 1
+    feeds = {"x": rng.standard_normal((2, 160)).astype(np.float32)}
+    assert sqnr_db(run_model(qpass.load_model(proto), feeds)["g"], run_model(model, feeds)["g"]) > 30

@@ -270,15 +270,24 @@ def match_island(node: ir.Node, device) -> QuantizedLinear | None:
     x_scale, x_zero = _const(x_dq.inputs[1]), _const(x_dq.inputs[2]) if len(x_dq.inputs) > 2 else None
     if w is None or w[0] is None or w[0].dtype != np.int8 or x_scale is None or x_scale.size != 1:
         return None
+    if x_zero is not None and x_zero.dtype not in (np.uint8, np.int8):
+        return None  # the integer kernels take 8-bit activations
     wq, w_scale, _ = w
+    if w_dq.attributes.get_int("block_size", 0):
+        return None  # group-wise int8 weights run op by op
+    n_axis = 1  # the weight axis that holds the N output channels
     if node.op_type == "MatMul":
         if wq.ndim != 2:
             return None
         w_t = wq.T  # [N, K]
     elif node.op_type == "Gemm":
-        w_t = wq if node.attributes.get_int("transB", 0) else wq.T
+        n_axis = 0 if node.attributes.get_int("transB", 0) else 1
+        w_t = wq if n_axis == 0 else wq.T
     else:
+        n_axis = 0
         w_t = wq.reshape(wq.shape[0], -1)  # [C_out, C_in*kh*kw]
+    if w_scale is None or (w_scale.size != 1 and (w_scale.size != w_t.shape[0] or w_dq.attributes.get_int("axis", 1) % wq.ndim != n_axis)):
+        return None  # per-channel scales along another axis run op by op
     bias = None
     if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
         b = _dq_params(node.inputs[2].producer())

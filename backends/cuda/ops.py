@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import PipelineError
+from qpass.schemes import INT_RANGES
 
 __all__ = ["OPS", "SHAPE_INPUTS", "to_torch", "attr"]
 
@@ -39,12 +40,22 @@ def attr(node, name, default=None):
 
 def _q(node, x, scale, zero=None):
     torch = _torch()
-    unsigned = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].dtype == ir.DataType.UINT8  # ONNX default: uint8
-    lo, hi = (0, 255) if unsigned else (-128, 127)
+    lo, hi = q_range(node)
     axis = attr(node, "axis", 1)
     shape = _bshape(x, scale, axis)
     z = zero.reshape(shape).float() if zero is not None else 0.0
     return (torch.round(x / scale.reshape(shape)) + z).clamp(lo, hi)
+
+
+def q_range(node) -> tuple[int, int]:
+    """The integer range of a QuantizeLinear's output: its zero-point's type (uint8 without one, as ONNX)."""
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return INT_RANGES["uint8"]
+    name = {ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8", ir.DataType.INT16: "int16", ir.DataType.UINT16: "uint16",
+            ir.DataType.INT4: "int4", ir.DataType.UINT4: "uint4"}.get(node.inputs[2].dtype)
+    if name is None:
+        raise PipelineError(f"the CUDA backend cannot lower QuantizeLinear '{node.name}' to {node.inputs[2].dtype}")
+    return INT_RANGES[name]
 
 
 def _dq(node, x, scale, zero=None):
