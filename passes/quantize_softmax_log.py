@@ -40,11 +40,9 @@ __all__ = [
     "parity_split_reference",
     "DOMAIN",
     "INV_SQRT2",
-    "QUANTIZED_KEY",
 ]
 
 DOMAIN = "ai.qpass"
-QUANTIZED_KEY = LOG_QUANTIZED_KEY  # value.meta mark on the quantizer's outputs: already quantized
 DEPLOY_FORMS = ("direct", "log2-parity")
 INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
@@ -225,7 +223,7 @@ class QuantizeSoftmaxLogPass(Pass):
             for out, suffix in zip(outs, ("_even", "_odd") if parity else ("",)):
                 out.name = unique_name(graph, f"{p.name}_logq{suffix}", taken)
                 out.dtype, out.shape = p.dtype, p.shape
-                out.meta[QUANTIZED_KEY] = self.deploy if parity else self.base
+                out.meta[LOG_QUANTIZED_KEY] = self.deploy if parity else self.base
             graph.insert_after(anchor, nodes)
             for node, idx in uses:
                 if parity:

@@ -1,11 +1,15 @@
 """int8 x int8 -> int32 GEMM with the dequant / requant epilogue fused (W8A8 linear layers).
 
-Semantics (the Triton kernel and the CPU reference compute the same thing)::
+Semantics (the Triton kernel and the CPU reference)::
 
     acc[m, n] = sum_k int32(a_q[m, k]) * int32(b_q_t[n, k])              exact int32
     y[m, n]   = act((float32(acc[m, n]) * a_scale[m]) * b_scale[n] + bias[n])  float32
     out       = y.to(out_dtype)                                           float16 | float32
     out_q     = clamp(rint(y / out_scale) + out_zero, -128, 127)          int8 (requant)
+
+The reference divides, as ONNX QuantizeLinear does; the Triton epilogue multiplies by the
+float32 reciprocal of ``out_scale`` (one instruction), which can land one code away at
+exact ties (tests allow 1 LSB there and require exact codes elsewhere).
 
 * ``a_q``: int8 ``[M, K]`` (row-major activations, e.g. from :func:`quantize_per_token`).
 * ``b_q_t``: int8 ``[N, K]``, the weight stored K-major / transposed (``nn.Linear``'s
