@@ -201,8 +201,29 @@ def test_percentile_within_one_bin_of_numpy():
     aff_spec = QuantSpec(dtype="uint8", symmetric=False, observer="percentile", percentile=99.9)
     aff = _fed(PercentileObserver, aff_spec, [x])
     lo, hi = aff.range()
-    assert abs(float(lo) - np.percentile(x, 0.05)) <= width
-    assert abs(float(hi) - np.percentile(x, 99.95)) <= width
+    assert abs(float(lo) + np.percentile(-x[x < 0], 99.9)) <= width  # each sign at its own percentile
+    assert abs(float(hi) - np.percentile(x[x >= 0], 99.9)) <= width
+
+
+def test_percentile_affine_by_hand():
+    # max_bins 8 -> width 1; negatives {-1.5}: bin [-2, -1), edge -2, clamped to the min;
+    # non-negatives {0.25, 0.5, 1.0, 3.5}: counts [2, 1, 0, 1], 75% of the mass ends at 2.0
+    spec = QuantSpec(dtype="uint8", symmetric=False, observer="percentile", percentile=75.0)
+    obs = PercentileObserver(spec, max_bins=8)
+    obs.update(np.array([-1.5, 0.25, 0.5, 1.0, 3.5]))
+    assert obs.histogram()[1] == 1.0
+    assert [float(v) for v in obs.range()] == [-1.5, 2.0]
+
+
+def test_percentile_keeps_a_rare_tail():
+    # 30 negatives among 10^5 values: a two-sided cut at (100 - p) / 2 of all the mass would clip
+    # half of them; each sign's own percentile keeps them
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.uniform(0, 10, 100_000), -np.linspace(1, 4, 30)])
+    spec = QuantSpec(dtype="uint8", symmetric=False, observer="percentile", percentile=99.99)
+    lo, hi = _fed(PercentileObserver, spec, [x]).range()
+    assert float(lo) == -4.0
+    assert 9.99 < float(hi) <= 10.0
 
 
 def test_percentile_per_channel_and_clamped_to_data():
