@@ -1070,6 +1070,10 @@ def timing_main(repeats: int) -> None:
         for _ in range(repeats):
             runs["qpass"].append(run_child({**base, "tool": "qpass", "observer": None, "src": str(src),
                                             "dst": str(WORK / f"{src.stem}.qpass-default.onnx")}))
+            if same != method:  # onnxruntime fell back to MinMax: qpass with the same observer too
+                runs.setdefault("qpass minmax", []).append(run_child({
+                    **base, "tool": "qpass", "observer": "minmax", "src": str(src),
+                    "dst": str(WORK / f"{src.stem}.qpass-minmax.onnx")}))
             pre_res = run_child({"tool": "ort-pre", "src": str(src), "dst": str(pre)})
             ort_src = pre if "error" not in pre_res else src
             res = run_child({**base, "tool": "ort", "method": same, "per_channel": True, "src": str(ort_src),
@@ -1078,6 +1082,8 @@ def timing_main(repeats: int) -> None:
                 same = "MinMax"
                 res = run_child({**base, "tool": "ort", "method": same, "per_channel": True, "src": str(ort_src),
                                  "dst": str(WORK / f"{src.stem}.ort-{same}-pc.onnx")})
+                runs["qpass minmax"] = [run_child({**base, "tool": "qpass", "observer": "minmax", "src": str(src),
+                                                   "dst": str(WORK / f"{src.stem}.qpass-minmax.onnx")})]
             if "error" not in res:
                 res["quantize_static_seconds"] = res["seconds"]
                 res["seconds"] += pre_res.get("seconds", 0.0)
@@ -1096,6 +1102,10 @@ def timing_main(repeats: int) -> None:
             print(f"  {name}: qpass {med['qpass']:.2f} s (runs {times['qpass']}; peak +{peak['qpass']:.0f} MB) / "
                   f"{rec['ort_config']} {med['ort']:.2f} s (runs {times['ort']}; peak +{peak['ort']:.0f} MB) = "
                   f"{rec['ratio']:.2f}x", flush=True)
+            if "qpass minmax" in med:  # the same observer on both sides
+                rec["ratio_same_observer"] = med["qpass minmax"] / med["ort"]
+                print(f"  {name}: qpass observer=minmax {med['qpass minmax']:.2f} s (runs {times['qpass minmax']}) / "
+                      f"{rec['ort_config']} = {rec['ratio_same_observer']:.2f}x", flush=True)
         records.append(rec)
     for leftover in WORK.glob("*.data"):
         leftover.unlink()
