@@ -22,6 +22,9 @@ def test_lowered_program_matches_onnxruntime(builder, recipe, islands):
     model = qpass.quantize(proto, demo_calibration(proto, 8), recipe=recipe, report=False).model
     program = lower(model, "cpu")
     assert program.quantized_layers == islands
+    # an island holds its weight codes in its own layout: the DQ's initializer is not uploaded too
+    weights = {n.inputs[1].producer().inputs[0].name for n in model.graph if id(n) in program.islands}
+    assert weights and not weights & set(program.constants)
     for feeds in demo_calibration(proto, 2, seed=5):
         ref = run_model(model, feeds)
         got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})

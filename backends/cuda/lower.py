@@ -64,18 +64,6 @@ class LoweredProgram:
         self.model = model
         self.input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
-        self.constants: dict[str, Any] = {}
-        cpu = torch.device("cpu")
-        for name, value in model.graph.initializers.items():
-            if value.const_value is not None:
-                array = value.const_value.numpy()
-                if array.dtype.name in ("int4", "uint4"):  # ml_dtypes 4-bit: one code per int8/uint8
-                    array = array.astype(np.int8 if array.dtype.name == "int4" else np.uint8)
-                if self.dtype == torch.float16 and array.dtype == np.float32 and array.ndim > 0:
-                    array = array.astype(np.float16)  # 0-d scales stay float32
-                # shapes, axes and starts stay on the host: reading them never waits for the GPU
-                host = value.uses() and all((u.node.op_type, u.idx) in SHAPE_INPUTS for u in value.uses())
-                self.constants[name] = to_torch(array, cpu if host else self.device)
         self.islands: dict[int, QuantizedLinear | WeightOnlyLinear] = {}
         self._compile_options: dict | None = None
         self._compiled: dict[tuple, Callable] = {}
@@ -112,11 +100,41 @@ class LoweredProgram:
         if self.device.type == "cuda":
             self._pair_qdq(model)
             self._chain_requant()
+        self.constants = self._upload_constants(model)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.functions:
                 raise PipelineError(f"the CUDA backend cannot lower op '{node.domain}::{node.op_type}' (node '{node.name}')")
             if node.domain in ("", "ai.onnx") and node.op_type not in OPS:
                 raise PipelineError(f"the CUDA backend has no lowering for op '{node.op_type}' (node '{node.name}'): keep it out of the model or use the onnxruntime backend")
+
+    def _upload_constants(self, model: ir.Model) -> dict[str, Any]:
+        """The initializers that nodes left to run read, as tensors. Weights an island or the
+        attention kernel holds in its own layout (and skipped Q/DQ parameters) stay on the host."""
+        torch = _torch()
+        read = {v.name for v in model.graph.outputs}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if id(node) in self.islands:
+                read.add(self._island_input(node, self.islands[id(node)]).name)
+            elif id(node) in self.attention:
+                found = self.attention[id(node)]
+                read.update(n for n in (found.q, found.k_t, found.v, found.mask) if n is not None)
+            elif id(node) in self.fake_quant:
+                read.add(self.fake_quant[id(node)][0])
+            elif id(node) not in self.skipped:
+                read.update(v.name for v in node.inputs if v is not None)
+        constants, cpu = {}, torch.device("cpu")
+        for name, value in model.graph.initializers.items():
+            if value.const_value is None or name not in read:
+                continue
+            array = value.const_value.numpy()
+            if array.dtype.name in ("int4", "uint4"):  # ml_dtypes 4-bit: one code per int8/uint8
+                array = array.astype(np.int8 if array.dtype.name == "int4" else np.uint8)
+            if self.dtype == torch.float16 and array.dtype == np.float32 and array.ndim > 0:
+                array = array.astype(np.float16)  # 0-d scales stay float32
+            # shapes, axes and starts stay on the host: reading them never waits for the GPU
+            host = value.uses() and all((u.node.op_type, u.idx) in SHAPE_INPUTS for u in value.uses())
+            constants[name] = to_torch(array, cpu if host else self.device)
+        return constants
 
     def _pair_qdq(self, model: ir.Model) -> None:
         for node in model.graph:
@@ -359,11 +377,14 @@ class LoweredProgram:
         self._dynamic.update(n for n in (self.island_outputs.get(id(node)),) if n)
         return True
 
-    def _run_island(self, node: ir.Node, island, env: dict):
+    @staticmethod
+    def _island_input(node: ir.Node, island) -> ir.Value:
         if isinstance(island, WeightOnlyLinear):
-            x = env[node.inputs[0].name]
-        else:
-            x = env[node.inputs[0].producer().inputs[0].producer().inputs[0].name]  # before Q (or its int8 codes)
+            return node.inputs[0]
+        return node.inputs[0].producer().inputs[0].producer().inputs[0]  # before Q (or its int8 codes)
+
+    def _run_island(self, node: ir.Node, island, env: dict):
+        x = env[self._island_input(node, island).name]
         if node.op_type == "Conv":
             return conv_island(node, island, x)
         y = island(x.reshape(-1, x.shape[-1]), self.dtype)
