@@ -174,7 +174,12 @@ def bench(kind: str, iters: int, opt_layers: int, variants=VARIANTS) -> dict:
         compiled(xh)
         rec["compile_s"] = time.perf_counter() - t0
         rec["fp16_compile_ms"] = cuda_time(lambda: compiled(xh), iters)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     program = lower(quantized, "cuda", dtype="float16", fused_attention=False)
+    torch.cuda.synchronize()
+    rec["program_device_mb"] = (torch.cuda.memory_allocated() - before) / 2**20  # weights and constants, once
+    rec["fp16_weights_mb"] = sum(p.numel() * 2 for p in fp16.parameters()) / 2**20
     runs = {"op": ("qpass_w8a8_fp16", program), "compiled": ("qpass_w8a8_compiled", False), "fattn": ("qpass_w8a8_compiled_fattn", True)}
     for key, run in (runs[v] for v in variants if v in runs):
         if isinstance(run, bool):  # traced and compiled (quantize/casts fuse into producers); fused attention or not

@@ -434,3 +434,21 @@ def test_gpu_w4a16_matches_reference(m, n, k, with_bias, kernel):
     torch.testing.assert_close(got.cpu().float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
     rel = (got.cpu().float() - ref).norm() / ref.norm()
     assert rel < 1e-3
+
+
+@gpu
+def test_gpu_w4a16_gemv_large_activations_stay_finite():
+    """The GEMV sums 8 products in float16: activations in the thousands must not overflow."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.full((256, 1024), -8, dtype=torch.int8)  # every product at its largest
+    s = torch.full((256, 8), 1e-4).half()  # outputs about -3300: finite in float16
+    x = torch.full((1, 1024), 4000.0).half()
+    got = w4a16_gemm(x.cuda(), pack_int4(q).cuda(), s.cuda(), kernel="gemv").cpu().float()
+    ref = w4a16_gemm(x, pack_int4(q), s, backend="reference").float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=0)
+    x = torch.randn(1, 1024, generator=gen).half() * 1000
+    q = torch.randint(-8, 8, (256, 1024), generator=gen, dtype=torch.int8)
+    got = w4a16_gemm(x.cuda(), pack_int4(q).cuda(), s.cuda(), kernel="gemv").cpu().float()
+    ref = w4a16_gemm(x, pack_int4(q), s, backend="reference").float()
+    assert (got - ref).norm() / ref.norm() < 1e-3

@@ -11,7 +11,7 @@ Packed layout (``pack_int4``): ``uint8 [N, K // 2]``, two nibbles per byte along
 4-bit two's complement. Rows stay K-major like the int8 weights, so a kernel tile is a
 contiguous run of bytes per output channel.
 
-Semantics (the reference, and the M == 1 kernel)::
+Semantics (the reference)::
 
     y[m, n] = fp16( sum_g s[n, g] * sum_{k in g} float32(x[m, k]) * q[n, k]  (+ bias[n]) )
 
@@ -19,7 +19,9 @@ Inner group sums are exact products of fp16 activations and small integers accum
 float32; the scale multiplies each group's float32 partial sum. Kernels (Triton, CUDA):
 
 * ``kernel="gemv"`` (default for M == 1): that arithmetic on CUDA cores in another order
-  (the scale multiplies partial sums of 8 k's, which add up to the group sum).
+  (the scale multiplies partial sums of 8 k's, which add up to the group sum), with the
+  products of each 8 k's taken and summed in float16 (``q / 8`` is exact in float16, so
+  the sums stay finite for |x| up to 8188); float32 from there on.
 * ``kernel="dot"`` (default for 2 <= M <= 16, any M works in 16-row tiles): dequantizes
   each weight tile to float16 ``W = fp16(q * s16)`` (scales rounded to float16 first) — the
   weights a float16 model would hold — and runs float16 tensor-core dots with float32
