@@ -267,3 +267,23 @@ def test_weight_only_matcher_skips_quantized_activations():
     assert not [n for n in model.graph if match_weight_only(n, "cpu") is not None]
     weight_only = qpass.quantize(proto, demo_calibration(proto, 4), recipe="w4a16", report=False).model
     assert [n for n in weight_only.graph if match_weight_only(n, "cpu") is not None]
+
+
+def test_island_needs_the_same_parameters_on_its_quantize_and_dequantize():
+    """An island quantizes x with its DQ's parameters: a Q with other ones runs op by op."""
+    proto = demo_transformer()
+    model = qpass.quantize(proto, demo_calibration(proto, 4), report=False).model
+    before = lower(model, "cpu").quantized_layers
+    dq = next(n.inputs[0].producer() for n in model.graph
+              if n.op_type == "MatMul" and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "DequantizeLinear")
+    scale = float(dq.inputs[1].const_value.numpy())
+    other = ir.Value(name="other_scale", const_value=ir.tensor(np.array(scale * 1.5, np.float32)))
+    model.graph.register_initializer(other)
+    dq.replace_input_with(1, other)
+    program = lower(model, "cpu")
+    assert program.quantized_layers == before - sum(u.node.op_type == "MatMul" and u.idx == 0 for u in dq.outputs[0].uses())
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, value in ref.items():
+            np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-5, atol=1e-5 * np.abs(value).max())

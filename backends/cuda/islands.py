@@ -14,6 +14,7 @@ from qpass.backends.cuda.ops import _torch
 
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array
+from qpass.schemes import INT_RANGES
 
 __all__ = ["QuantizedLinear", "WeightOnlyLinear", "match_island", "match_weight_only", "conv_island", "tracing", "is_tracing",
            "per_tensor_qparams"]
@@ -56,9 +57,10 @@ class QuantizedLinear:
             out_scale, out_zero = self.requant or (1.0, 0)
             return _linear_op()(a, self.w_t, self.fused[0], self.fused[1], torch.int8 if self.requant else out_dtype, act, out_scale, out_zero)
         if self.fused is not None and a.is_cuda:
-            out = self._kernel(a, out_dtype)
-            if out is not None:
-                return out
+            from qpass.backends.cuda.kernels import int8_gemm
+
+            scale, bias = self.fused
+            return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=self.requant, activation=self.activation)
         shift = 128 if self.x_unsigned else 0
         acc = _int8_gemm(a, self.w_t)
         correction = shift - self.x_zero
@@ -67,14 +69,6 @@ class QuantizedLinear:
         y = acc.float() * (self.x_scale * self.w_scale)
         y = y + self.bias if self.bias is not None else y
         return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-    def _kernel(self, a, out_dtype):
-        try:
-            from qpass.backends.cuda.kernels import int8_gemm
-        except ImportError:
-            return None
-        scale, bias = self.fused
-        return int8_gemm(a, self.w_t, b_scale=scale, bias=bias, out_dtype=out_dtype, requant=self.requant, activation=self.activation)
 
     def fuse(self) -> None:
         """Fold the zero-point correction into the bias: (acc + c*colsum)*s + b = acc*s + (b + c*colsum*s)."""
@@ -184,7 +178,7 @@ def per_tensor_qparams(node: ir.Node) -> tuple[float, int, int, int] | None:
     zero = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros((), np.uint8)
     if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.uint8, np.int8):
         return None
-    lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+    lo, hi = INT_RANGES[zero.dtype.name]
     return float(scale.reshape(())), int(zero.reshape(())), lo, hi
 
 
@@ -267,11 +261,10 @@ def match_island(node: ir.Node, device) -> QuantizedLinear | None:
     if x_dq is None or x_dq.op_type != "DequantizeLinear" or x_dq.inputs[0].producer() is None or x_dq.inputs[0].producer().op_type != "QuantizeLinear":
         return None
     w = _dq_params(w_dq)
-    x_scale, x_zero = _const(x_dq.inputs[1]), _const(x_dq.inputs[2]) if len(x_dq.inputs) > 2 else None
-    if w is None or w[0] is None or w[0].dtype != np.int8 or x_scale is None or x_scale.size != 1:
+    # the island quantizes x itself with the DQ's parameters: the Q must use the same ones
+    x_params = per_tensor_qparams(x_dq)  # constant, per tensor, 8-bit: what the integer kernels take
+    if w is None or w[0] is None or w[0].dtype != np.int8 or x_params is None or x_params != per_tensor_qparams(x_dq.inputs[0].producer()):
         return None
-    if x_zero is not None and x_zero.dtype not in (np.uint8, np.int8):
-        return None  # the integer kernels take 8-bit activations
     wq, w_scale, _ = w
     if w_dq.attributes.get_int("block_size", 0):
         return None  # group-wise int8 weights run op by op
@@ -299,11 +292,11 @@ def match_island(node: ir.Node, device) -> QuantizedLinear | None:
                 return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return None
-    unsigned = x_zero is None or x_zero.dtype == np.uint8  # no zero-point: uint8, as ONNX
+    x_scale, x_zero, x_lo, _ = x_params
     return QuantizedLinear(
-        x_scale=float(x_scale.reshape(())),
-        x_zero=int(x_zero.reshape(())) if x_zero is not None else 0,
-        x_unsigned=unsigned,
+        x_scale=x_scale,
+        x_zero=x_zero,
+        x_unsigned=x_lo == 0,
         w_t=torch.from_numpy(np.ascontiguousarray(w_t)).to(device),
         w_scale=torch.from_numpy(w_scale.astype(np.float32).reshape(-1)).to(device),
         col_sum=torch.from_numpy(w_t.astype(np.int32).sum(axis=1)).to(device),
