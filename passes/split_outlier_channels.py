@@ -161,8 +161,8 @@ def _producer_chain(x: ir.Value, axis: int, k: int):
             return None
         chain.append(v)
         node = v.producer()
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is None or w.const_value is None or len(w.uses()) != 1:
+    w = through_identity(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None or readers(w) != 1:
         return None
     has_c = len(node.inputs) > 2 and node.inputs[2] is not None
     if is_op(node, "MatMul") and axis == -1:

@@ -390,7 +390,6 @@ def save_model(
         raise OutputError(f"output '{path}' is a directory: give a file name ending in .onnx")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory '{parent}' is not writable: choose another output path")
-    raise_opset_if_needed(model)
     if external_data is None:
         external_data = model_nbytes(model) > 1_800_000_000
     try:

@@ -68,7 +68,6 @@ def quantize(
     ops, QGemm and MatMulIntegerToFloat; see :func:`qpass.backends.qoperator.to_qoperator`). The report's per-layer SQNR is measured on the QDQ form
     (the same integer function); its kernel census on the model returned.
     """
-    from qpass.backends.onnxruntime import fused_op_census
     from qpass.calib_data import load_calibration
 
     check_format(format, contrib_ops)
@@ -87,7 +86,7 @@ def quantize(
     ir_model = load_model(model, example_inputs)
     if calibration is None and not random_calibration and weight_only(pass_list):
         # weight-only: scales come from the weights; generated inputs feed only checks and the report
-        logger.info("recipe '%s' quantizes weights only: the report compares on 4 generated inputs", recipe)
+        logger.info("the pipeline quantizes weights only: the report compares on 4 generated inputs")
         calibration = [probe_feeds(ir_model, seed) for seed in range(4)]
     calib = load_calibration(calibration, ir_model, limit=limit, random_samples=random_calibration)
     if calib.is_random:
@@ -104,8 +103,7 @@ def quantize(
     start = time.perf_counter()
     out_model = to_format(ir_model, format, contrib_ops=contrib_ops, verify=verify)
     seconds = stage1.seconds + stage2.seconds + time.perf_counter() - start
-    result_report = build_report(float_model, ir_model, calib, census=False) if report else None
+    result_report = build_report(float_model, ir_model, calib, census_model=out_model) if report else None
     if result_report is not None:
-        result_report.fused = fused_op_census(out_model)
         result_report.passes = PipelineResult(ir_model, stats, 0.0, verify).to_dict()["passes"]
     return QuantizeResult(out_model, result_report, stats, float_model, seconds)

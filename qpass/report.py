@@ -102,9 +102,10 @@ def build_report(
     samples: Iterable[Mapping[str, np.ndarray]],
     *,
     max_samples: int = 8,
-    census: bool = True,
+    census_model: ir.Model | None = None,
 ) -> QuantReport:
-    """Compare ``quant_model`` with ``float_model`` layer by layer on up to ``max_samples`` feeds."""
+    """Compare ``quant_model`` with ``float_model`` layer by layer on up to ``max_samples`` feeds.
+    The kernel census counts ``census_model`` (default ``quant_model``), e.g. its QOperator form."""
     layers = _quantized_layers(quant_model)
     float_names = {o.name for n in float_model.graph for o in n.outputs}
     names = [n.outputs[0].name for n in layers if n.outputs[0].name in float_names]
@@ -142,7 +143,7 @@ def build_report(
     ]
     errors.sort(key=lambda e: e.sqnr_db)
     out_sqnr = {k: sqnr_from_sums(signal[k], noise[k]) for k in model_outputs}
-    fused = ort_backend.fused_op_census(quant_model) if census else {}
+    fused = ort_backend.fused_op_census(census_model if census_model is not None else quant_model)
     return QuantReport(errors, out_sqnr, _used_nbytes(float_model), _used_nbytes(quant_model), fused, count)
 
 

@@ -40,7 +40,7 @@ def candidate_qparams(spec: QuantSpec, lo: np.ndarray, hi: np.ndarray, ratios=CL
     r = np.asarray(ratios, np.float64)[None, :]
     if spec.symmetric and spec.signed:
         amax = np.maximum(-lo, hi)
-        divisors = np.concatenate([[spec.qmax, -spec.qmin], (spec.qmax + 0.5) / np.asarray(ratios, np.float64)])
+        divisors = np.concatenate([[spec.qmax, -spec.qmin], (spec.qmax + 0.5) / r[0]])
         scale = valid_scale(amax / divisors[None, :], spec).astype(np.float32)
         return scale, np.zeros(scale.shape, np.int64)
     r = np.concatenate([[[1.0]], r], axis=1)

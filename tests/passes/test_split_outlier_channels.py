@@ -257,3 +257,15 @@ def test_exported_blocks_keep_their_function(kit, exporter, opset, tokens_2d):
     stats = Pipeline([SplitOutlierChannelsPass(target="both")], context={"calibration": kit.calibration(proto)}).run(model).stats[0]
     assert stats.verification == "ok" and stats.rewritten == 4  # qkv, proj, fc1, fc2
     assert stats.details["producers_widened"] == 1  # fc1 -> Relu -> fc2
+
+
+def test_activation_ocs_widens_a_producer_whose_weight_sits_behind_identity():
+    proto = _mlp("Gemm")
+    fc1 = next(n for n in proto.graph.node if n.name == "fc1")
+    fc1.input[1] = "W1_id"
+    proto.graph.node.insert(0, helper.make_node("Identity", ["W1"], ["W1_id"], name="w1.identity"))
+    model = qpass.load_model(proto)
+    pass_ = SplitOutlierChannelsPass(target="activation", expand_ratio=0.1, op_types=("MatMul",))  # fc2 only
+    stats = Pipeline([pass_], context={"calibration": _data(8, [8, 16], 1)}).run(model).stats[0]
+    assert stats.verification == "ok" and stats.details["producers_widened"] == 1
+    assert model.graph.node("fc1").inputs[1].const_value.shape[0] == 32 + 4

@@ -6,7 +6,7 @@ so the ``[M, N]`` score matrix never reaches memory:
 
 1. ``s = (q @ k^T) * sm_scale (+ mask)``; running row max ``m`` and sum ``l = sum exp(s - m)``;
 2. ``s`` again, ``p = exp(s - m) / l`` (the exact softmax row), then the Q->DQ of the
-   probabilities ``(clamp(rint(p / p_scale) + p_zero, p_lo, p_hi) - p_zero) * p_scale`` in
+   probabilities ``(clamp(rint(p * p_inv) + p_zero, p_lo, p_hi) - p_zero) * p_scale`` in
    registers, and ``acc += p @ v`` on the tensor cores (float16 operands, float32 accumulator).
 
 The second pass repeats the ``q @ k^T`` work (a quantized ``P`` needs each row's final max and

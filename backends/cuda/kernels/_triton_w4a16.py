@@ -200,7 +200,7 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
 
         w32 = w_packed.view(torch.int32)  # rows of K // 2 bytes: K is a multiple of the group (>= 32)
         if x.stride(0) % 2 or x.storage_offset() % 2:
-            x = x.contiguous()
+            x = x.clone()  # an even offset and row stride: whole float16 pairs
         x32 = x.view(torch.int32)  # float16 pairs
         _w4a16_gemv_kernel[grid](x32, w32, scales, b, y, N, K, x32.stride(0), w32.stride(0), scales.stride(0),
                                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group)
