@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qpass.api import build_passes, check_format, to_format, weight_only
-from qpass.errors import PipelineError
+from qpass.errors import CalibrationError, PipelineError
 from qpass.model_io import load_model
 from qpass.pipeline import PassStats, Pipeline, PipelineResult
 from qpass.report import QuantReport, build_report
@@ -84,7 +84,10 @@ def quantize(
         raise PipelineError(f"recipe '{recipe}' does not quantize: choose a quantizing recipe (see 'qpass recipes')")
     split = next((i for i, p in enumerate(pass_list) if getattr(p, "name", "") == "annotate-quant"), first_quant)
     ir_model = load_model(model, example_inputs)
-    if calibration is None and not random_calibration and weight_only(pass_list):
+    if calibration is None and not random_calibration:
+        if not weight_only(pass_list):
+            raise CalibrationError("quantizing activations needs calibration data: pass it (CLI: --calib DATA, "
+                                   "or --random-calib N to try it out)")
         # weight-only: scales come from the weights; generated inputs feed only checks and the report
         logger.info("the pipeline quantizes weights only: the report compares on 4 generated inputs")
         calibration = [probe_feeds(ir_model, seed) for seed in range(4)]
