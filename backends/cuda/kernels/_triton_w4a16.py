@@ -16,12 +16,15 @@ is scaled by its group's scale into a 2-D float32 accumulator reduced once at th
 the integer work of a nibble-at-a-time float32 dequantization, which left the GEMV
 ALU-bound rather than memory-bound.
 ``_w4a16_dot_kernel`` (2 <= M <= 16, a 16-row tile): reads ``[BLOCK_N, BLOCK_K // GROUP,
-GROUP // 2]`` byte tiles, dequantizes them to float16 ``W = fp16(q * s)`` (as a float16
-layer with dequantized weights would hold it), interleaves low/high nibbles back into K
-order (``tl.join`` + reshape) and runs one float16 tensor-core dot per tile with float32
-accumulation. Its autotuner chooses between triton's software pipeliner (``num_stages``
-tiles in flight) and a register double-buffer (``PREFETCH``: the next tile loaded one
-iteration ahead).
+GROUP // 2]`` byte tiles. Inline PTX (``_DEQUANT``, four bytes at a time) turns the low and the
+high nibbles into two float16 tiles ``W = fp16(q * s)`` (as a float16 layer with dequantized
+weights would hold them): the low nibbles are the even k's, the high nibbles the odd k's, so
+one float16 tensor-core dot takes them with x's even columns and another with its odd
+columns: no interleaving, and triton loads the bytes from shared memory straight into the
+dot-operand layout. At M <= 16 the N tiles alone are too few to stream the weights at full
+bandwidth, so ``SPLIT_K`` programs share one output tile: each stores its float32 partial sum
+in its own workspace slot and bumps the tile's counter; the last one adds the slots in a fixed
+order (deterministic), adds the bias, stores float16 and resets the counter: one launch.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import triton.language as tl
 from ._autotune import autotune
 
 
-def _cfg(bn, bk, stages, warps, prefetch):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": prefetch}, num_stages=stages, num_warps=warps)
+def _cfg(bn, bk, stages, warps, split_k):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k}, num_stages=stages, num_warps=warps)
 
 
 def _gemv_cfg(bn, bk, stages, warps):
@@ -45,21 +48,22 @@ GEMV_CONFIGS = [_gemv_cfg(*c) for c in [(4, 2048, 1, 2), (4, 2048, 1, 1), (8, 10
                                         (16, 1024, 1, 2), (16, 512, 1, 2), (8, 1024, 1, 4), (4, 1024, 1, 2),
                                         (4, 1024, 1, 4), (4, 512, 1, 2), (4, 256, 1, 4), (8, 256, 1, 8),
                                         (2, 1024, 1, 4), (2, 256, 1, 2)]]
-# PREFETCH=False leaves the loads in the loop body to triton's software pipeliner (num_stages
-# deep); PREFETCH=True double-buffers in registers.
-DOT_CONFIGS = [_cfg(*c) for c in [(32, 256, 3, 4, True), (16, 512, 3, 4, True), (16, 256, 3, 4, True),
-                                  (32, 256, 3, 4, False), (32, 256, 4, 4, False), (16, 256, 4, 4, False),
-                                  (64, 256, 3, 4, False), (32, 512, 3, 4, False), (16, 512, 3, 4, False),
-                                  (64, 128, 4, 4, False)]]
+# (BLOCK_N, BLOCK_K, stages, warps, SPLIT_K): the fastest of a sweep at M = 4 and 16 on 4096 x 4096
+# and 4096 x 11008 (H100), and split-free tiles for larger M.
+DOT_CONFIGS = [_cfg(*c) for c in [(32, 128, 4, 2, 4), (32, 128, 2, 2, 8), (64, 128, 4, 4, 8), (128, 256, 4, 4, 4),
+                                  (128, 128, 4, 4, 4), (32, 128, 4, 2, 2), (64, 128, 4, 4, 2), (128, 128, 4, 8, 8),
+                                  (16, 128, 4, 1, 4), (32, 256, 2, 2, 4), (64, 128, 4, 4, 1), (32, 128, 4, 2, 1)]]
+MOST_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DOT_CONFIGS)
 
 
 def _prune(configs, named_args, **kwargs):
-    k = named_args["K"]
-    out = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
+    k, m = named_args["K"], named_args.get("M", 1)
+    most = MOST_SPLIT_K if m <= 16 else 1  # larger M has N x M tiles enough: no split-K workspace
+    out = [c for c in configs if c.kwargs.get("SPLIT_K", 1) <= most and k % (c.kwargs["BLOCK_K"] * c.kwargs.get("SPLIT_K", 1)) == 0]
     if out:
         return out
     bk = min(128, k & -k)  # the largest power of two dividing K: a multiple of the group
-    return [_cfg(16, bk, 3, 4, False) if "PREFETCH" in configs[0].kwargs else _gemv_cfg(16, bk, 3, 4)]
+    return [_cfg(16, bk, 3, 4, 1) if "SPLIT_K" in configs[0].kwargs else _gemv_cfg(16, bk, 3, 4)]
 
 
 # One int32 weight word (8 nibbles, k = 8w + j in nibble j) against four int32 words of x, each
@@ -132,62 +136,87 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, N, K, stride_xm, st
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.jit
-def _dot_weights(p, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BN, G, HALF] packed bytes, [BN, G] scales -> float16 W [BN, BLOCK_K] in K order."""
-    pi = p.to(tl.int32)
-    sc = s.to(tl.float16)[:, :, None]
-    lo = ((pi & 0xF) ^ 0x6408).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (((pi >> 4) & 0xF) ^ 0x6408).to(tl.int16).to(tl.float16, bitcast=True)
-    lo = (lo - 1032.0).to(tl.float16) * sc
-    hi = (hi - 1032.0).to(tl.float16) * sc
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # k = 2j + (0: low, 1: high nibble)
+# Four packed bytes (elements j..j+3 of a row) and their four float16 scales (two registers) ->
+# the low nibbles' fp16(q * s) in $0, $1 and the high nibbles' in $2, $3 (float16 pairs). prmt
+# spreads bytes (0, 1) and (2, 3) into the two halves of a word; lop3 keeps the low nibbles and
+# xors in 0x6408: 1024 + (q + 8), minus 1032 is q; or keeps the high nibbles and xors in 0x6480:
+# 1024 + 16 (q + 8), times 1/16 minus 72 is q. All exact; one rounding in the multiply by s.
+_DEQUANT = tl.constexpr("""
+{
+.reg .b32 d0, d1, z, t, c1032, c16, c72;
+mov.b32 z, 0;
+mov.b32 c1032, 0x64086408;
+mov.b32 c16, 0x2C002C00;
+mov.b32 c72, 0xD480D480;
+prmt.b32 d0, $4, z, 0x4140;
+prmt.b32 d1, $4, z, 0x4342;
+lop3.b32 t, d0, 0x000F000F, 0x64086408, 0x6A;
+sub.rn.f16x2 t, t, c1032;
+mul.rn.f16x2 $0, t, $5;
+lop3.b32 t, d1, 0x000F000F, 0x64086408, 0x6A;
+sub.rn.f16x2 t, t, c1032;
+mul.rn.f16x2 $1, t, $6;
+lop3.b32 t, d0, 0x00F000F0, 0x64806480, 0x6A;
+fma.rn.f16x2 t, t, c16, c72;
+mul.rn.f16x2 $2, t, $5;
+lop3.b32 t, d1, 0x00F000F0, 0x64806480, 0x6A;
+fma.rn.f16x2 t, t, c16, c72;
+mul.rn.f16x2 $3, t, $6;
+}
+""")
 
 
 @autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w4a16_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, M_BUCKET,
-                      HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+def _w4a16_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
+                      stride_sn, stride_ym, M_BUCKET, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     HALF: tl.constexpr = GROUP // 2
     G: tl.constexpr = BLOCK_K // GROUP
+    KH: tl.constexpr = BLOCK_K // 2
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
-    rn_w = rn % N
+    rn_w = rn % N  # wrapped rows are computed but never stored
     rg = tl.arange(0, G)
     rh = tl.arange(0, HALF)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + (rn_w[:, None, None].to(tl.int64) * stride_wn + rg[None, :, None] * HALF + rh[None, None, :])
     s_ptrs = s_ptr + (rn_w[:, None] * stride_sn + rg[None, :])
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    n_tiles = K // BLOCK_K
+    n_tiles = K // BLOCK_K // SPLIT_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:
-        p = tl.load(w_ptrs)
-        s = tl.load(s_ptrs)
-        for i in range(n_tiles):
-            k0 = i * BLOCK_K
-            nxt = tl.minimum(i + 1, n_tiles - 1) * BLOCK_K
-            p_next = tl.load(w_ptrs + nxt // 2)
-            s_next = tl.load(s_ptrs + nxt // GROUP)
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0).to(tl.float16)
-            acc = tl.dot(x, tl.trans(_dot_weights(p, s, BLOCK_N, BLOCK_K)), acc)
-            p = p_next
-            s = s_next
+    for i in range(pid_k * n_tiles, (pid_k + 1) * n_tiles):
+        k0 = i * BLOCK_K
+        p = tl.load(w_ptrs + k0 // 2)
+        s = tl.broadcast_to(tl.load(s_ptrs + k0 // GROUP).to(tl.float16)[:, :, None], (BLOCK_N, G, HALF))
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, KH, 2)))
+        lo, hi = tl.inline_asm_elementwise(_DEQUANT, "=r,=r,=r,=r,r,r,r", [p, s], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        acc = tl.dot(x_even, tl.trans(tl.reshape(lo, (BLOCK_N, KH))), acc)
+        acc = tl.dot(x_odd, tl.trans(tl.reshape(hi, (BLOCK_N, KH))), acc)
+    mask = mask_m[:, None] & (rn < N)[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    if SPLIT_K > 1:  # partial sums into slot pid_k; the tile's last program adds the slots in order
+        tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums precede the counter's release
+        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(count, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.load(ws_ptr + offs, mask=mask, cache_modifier=".cg")
+            for j in tl.static_range(1, SPLIT_K):
+                acc += tl.load(ws_ptr + j * M * N + offs, mask=mask, cache_modifier=".cg")
+            tl.atomic_xchg(count, 0, sem="relaxed")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn_w).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        for i in range(n_tiles):
-            k0 = i * BLOCK_K
-            p = tl.load(w_ptrs + k0 // 2)
-            s = tl.load(s_ptrs + k0 // GROUP)
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0).to(tl.float16)
-            acc = tl.dot(x, tl.trans(_dot_weights(p, s, BLOCK_N, BLOCK_K)), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_w).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (rn < N)[None, :])
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn_w).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
@@ -206,10 +235,27 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
                                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group)
         return
     block_m = 16
+    tiles_m, most_tiles_n = triton.cdiv(M, block_m), triton.cdiv(N, 16)
+    ws, count = _workspace(x.device, (MOST_SPLIT_K if M <= 16 else 0) * M * N, tiles_m * most_tiles_n)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+        return (triton.cdiv(N, meta["BLOCK_N"]), tiles_m, meta["SPLIT_K"])
 
-    _w4a16_dot_kernel[grid](x, w_packed, scales, b, y, M, N, K, x.stride(0), w_packed.stride(0), scales.stride(0),
-                            y.stride(0), max(16, triton.next_power_of_2(M)), HAS_BIAS=bias is not None, GROUP=group,
-                            BLOCK_M=block_m)
+    _w4a16_dot_kernel[grid](x, w_packed, scales, b, y, ws, count, M, N, K, x.stride(0), w_packed.stride(0),
+                            scales.stride(0), y.stride(0), max(16, triton.next_power_of_2(M)),
+                            HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m)
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device, size: int, tiles: int):
+    """Per stream: room for the split-K partial sums (float32, one [M, N] slot per program along
+    K) and the per-tile counters, which are zero between calls (each tile's last program resets
+    its counter)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    found = _WORKSPACES.get(key)
+    if found is None or found[0].numel() < size or found[1].numel() < tiles:
+        found = (torch.empty(size, device=device, dtype=torch.float32), torch.zeros(tiles, device=device, dtype=torch.int32))
+        _WORKSPACES[key] = found
+    return found

@@ -25,7 +25,8 @@ float32; the scale multiplies each group's float32 partial sum. Kernels (Triton,
 * ``kernel="dot"`` (default for 2 <= M <= 16, any M works in 16-row tiles): dequantizes
   each weight tile to float16 ``W = fp16(q * s16)`` (scales rounded to float16 first) — the
   weights a float16 model would hold — and runs float16 tensor-core dots with float32
-  accumulation, so it differs from the reference by the float16 rounding of W.
+  accumulation (split along K into up to 8 float32 partial sums added at the end), so it
+  differs from the reference by the float16 rounding of W.
 
 Both agree with the reference to better than 1e-3 relative (norm of the difference over
 the norm of the output). A dense fp16 GEMM is faster than either for M > 16.
