@@ -1,10 +1,10 @@
 """Calibration statistics: an observer per annotated activation, fed by running the graph.
 
 The current graph runs in onnxruntime with every value that carries a
-:class:`~qpass.schemes.QuantSpec` (and no constant) exposed as an output, one calibration
-batch at a time; each value's observer sees every batch. Outputs of data-movement ops that
-take their input's parameters (:func:`shares_input_parameters`) get no observer. Memory stays bounded: nothing
-but the observers' statistics is kept. The analysis is cached by the pipeline and
+:class:`~qpass.schemes.QuantSpec` (and no constant) exposed as an output, batch by batch;
+each value's observer sees every batch. Outputs of data-movement ops that take their
+input's parameters (:func:`shares_input_parameters`) get no observer. Memory stays bounded:
+nothing but the observers' statistics is kept. The analysis is cached by the pipeline and
 recomputed only after a pass changes the graph.
 
 Context keys read from the analysis manager: ``calibration`` (an iterable of feed dicts,
