@@ -42,7 +42,7 @@ from qpass.backends.cuda.islands import (
     per_tensor_qparams,
     tracing,
 )
-from qpass.backends.cuda.ops import OPS, SHAPE_INPUTS, _torch, attr, to_torch
+from qpass.backends.cuda.ops import OPS, SHAPE_INPUTS, TORCH_DTYPE_NAMES, _torch, attr, to_torch
 from qpass.errors import PipelineError
 from qpass.graph_utils import const_array, only_consumer
 from qpass.op_patterns import match_gelu
@@ -396,13 +396,9 @@ class LoweredProgram:
         return tuple(env[v.name] for v in function.outputs)
 
 
-_TORCH_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
-                 ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool", ir.DataType.DOUBLE: "float64"}
-
-
 def _check_input(info: ir.Value, value) -> None:
     """One-line error for a model input of the wrong dtype, rank or fixed dimension."""
-    expected = _TORCH_DTYPES.get(info.dtype)
+    expected = TORCH_DTYPE_NAMES.get(info.dtype)
     got = str(value.dtype).removeprefix("torch.")
     if expected is not None and got != expected and not (expected == "float32" and got in ("float16", "float64")):
         raise PipelineError(f"model input '{info.name}' must be {expected}, got {got}")

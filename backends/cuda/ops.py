@@ -133,10 +133,16 @@ def _gelu(node, x):
     return torch.nn.functional.gelu(x, approximate="tanh" if attr(node, "approximate", "none") == "tanh" else "none")
 
 
+# ONNX element types the lowered program handles, by torch dtype name
+TORCH_DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+                     ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool", ir.DataType.DOUBLE: "float64"}
+
+
 def _cast(node, x):
-    torch = _torch()
     to = ir.DataType(attr(node, "to"))
-    return x.to(getattr(torch, {"FLOAT": "float32", "FLOAT16": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool", "DOUBLE": "float64"}[to.name]))
+    if to not in TORCH_DTYPE_NAMES:
+        raise PipelineError(f"Cast '{node.name}' to {to.name} is not supported by the CUDA backend")
+    return x.to(getattr(_torch(), TORCH_DTYPE_NAMES[to]))
 
 
 def _constant(node):

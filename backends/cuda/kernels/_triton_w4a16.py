@@ -56,14 +56,20 @@ DOT_CONFIGS = [_cfg(*c) for c in [(32, 128, 4, 2, 4), (32, 128, 2, 2, 8), (64, 1
 MOST_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DOT_CONFIGS)
 
 
-def _prune(configs, named_args, **kwargs):
-    k, m = named_args["K"], named_args.get("M", 1)
-    most = MOST_SPLIT_K if m <= 16 else 1  # larger M has N x M tiles enough: no split-K workspace
-    out = [c for c in configs if c.kwargs.get("SPLIT_K", 1) <= most and k % (c.kwargs["BLOCK_K"] * c.kwargs.get("SPLIT_K", 1)) == 0]
-    if out:
-        return out
-    bk = min(128, k & -k)  # the largest power of two dividing K: a multiple of the group
-    return [_cfg(16, bk, 3, 4, 1) if "SPLIT_K" in configs[0].kwargs else _gemv_cfg(16, bk, 3, 4)]
+def _largest_block(k: int) -> int:
+    return min(128, k & -k)  # the largest power of two dividing K, at most 128: a multiple of the group
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    k = named_args["K"]
+    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0] or [_gemv_cfg(16, _largest_block(k), 3, 4)]
+
+
+def _prune_dot(configs, named_args, **kwargs):
+    k = named_args["K"]
+    most = MOST_SPLIT_K if named_args["M"] <= 16 else 1  # larger M has tiles enough: no split-K workspace
+    out = [c for c in configs if c.kwargs["SPLIT_K"] <= most and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
+    return out or [_cfg(16, _largest_block(k), 3, 4, 1)]
 
 
 # One int32 weight word (8 nibbles, k = 8w + j in nibble j) against four int32 words of x, each
@@ -104,7 +110,7 @@ cvt.f32.f16 $0, h;
 """)
 
 
-@autotune(configs=GEMV_CONFIGS, key=["N", "K"], prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=GEMV_CONFIGS, key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -166,7 +172,7 @@ mul.rn.f16x2 $3, t, $6;
 """)
 
 
-@autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_dot})
 @triton.jit
 def _w4a16_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                       stride_sn, stride_ym, M_BUCKET, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,

@@ -60,6 +60,7 @@ def int8_gemm_numpy(a_q: np.ndarray, b_q_t: np.ndarray, a_scale: np.ndarray | No
                     activation: str | None = None) -> np.ndarray:
     """NumPy reference of :func:`int8_gemm` (module docstring); ``out_dtype`` a numpy dtype."""
     a_q, b_q_t = np.asarray(a_q), np.asarray(b_q_t)
+    _check_activation(activation)
     if a_q.dtype != np.int8 or b_q_t.dtype != np.int8:
         raise TypeError(f"int8_gemm: operands must be int8, got {a_q.dtype} and {b_q_t.dtype}")
     if a_q.ndim != 2 or b_q_t.ndim != 2 or a_q.shape[1] != b_q_t.shape[1]:
@@ -85,18 +86,21 @@ def int8_gemm_numpy(a_q: np.ndarray, b_q_t: np.ndarray, a_scale: np.ndarray | No
     return y.astype(out_dtype)
 
 
+def _check_activation(activation: str | None) -> None:
+    if activation not in (None, "relu", "gelu", "gelu_tanh"):
+        raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
+
+
 def _activate(y: np.ndarray, activation: str | None) -> np.ndarray:
     if activation is None:
         return y
     if activation == "relu":
         return np.maximum(y, np.float32(0))
+    y64 = y.astype(np.float64)
     if activation == "gelu":
-        erf = np.frompyfunc(math.erf, 1, 1)(y.astype(np.float64) / math.sqrt(2)).astype(np.float64)
-        return (0.5 * y * (1.0 + erf)).astype(np.float32)
-    if activation == "gelu_tanh":
-        y64 = y.astype(np.float64)
-        return (0.5 * y64 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3)))).astype(np.float32)
-    raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
+        erf = np.frompyfunc(math.erf, 1, 1)(y64 / math.sqrt(2)).astype(np.float64)
+        return (0.5 * y64 * (1.0 + erf)).astype(np.float32)
+    return (0.5 * y64 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3)))).astype(np.float32)  # gelu_tanh
 
 
 def _torch():
@@ -148,8 +152,7 @@ def int8_gemm(a_q, b_q_t, a_scale=None, b_scale=None, bias=None, out_dtype=None,
         raise TypeError(f"int8_gemm: operands must be int8, got {a_q.dtype} and {b_q_t.dtype}")
     if a_q.dim() != 2 or b_q_t.dim() != 2 or a_q.shape[1] != b_q_t.shape[1]:
         raise ValueError(f"int8_gemm: a_q [M, K] and b_q_t [N, K] expected, got {tuple(a_q.shape)} and {tuple(b_q_t.shape)}")
-    if activation not in (None, "relu", "gelu", "gelu_tanh"):
-        raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
+    _check_activation(activation)
     if activation is not None and requant is None and out_dtype == torch.int32:
         raise ValueError("int8_gemm: an activation needs a float or requantized output, not the raw int32 accumulator")
     if requant is None and out_dtype not in (torch.float16, torch.float32, torch.int32):
