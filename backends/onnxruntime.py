@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["is_placeholder", "make_session", "run", "session_bytes", "session_from_bytes"]
+__all__ = ["half_the_cores", "is_placeholder", "make_session", "run", "session_bytes", "session_from_bytes"]
 
 logger = logging.getLogger(__name__)
 
 _INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph
+
+
+def half_the_cores() -> int:
+    """Threads for each of two sessions that run side by side: half the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
 _PLACEHOLDER = "qpass-in-memory"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -113,9 +112,8 @@ def build_report(
     # the float and the quantized model run side by side, each on half the cores: on small
     # models that beats one model at a time on all of them (OCR model 0.29 -> 0.19 s, detector
     # 1.0 -> 0.53 s on 2 cores)
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    f_sess = ort_backend.make_session(float_model, extra_outputs=names, threads=threads)
-    q_sess = ort_backend.make_session(quant_model, extra_outputs=names, threads=threads)
+    f_sess = ort_backend.make_session(float_model, extra_outputs=names, threads=ort_backend.half_the_cores())
+    q_sess = ort_backend.make_session(quant_model, extra_outputs=names, threads=ort_backend.half_the_cores())
     wanted = model_outputs + [n for n in names if n not in model_outputs]
     signal = dict.fromkeys(wanted, 0.0)
     noise = dict.fromkeys(wanted, 0.0)

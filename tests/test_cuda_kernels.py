@@ -455,6 +455,41 @@ def test_gpu_w4a16_dot_split_k_is_deterministic_and_resets_between_calls():
 
 
 @gpu
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_gpu_w4a16_dot_every_config_and_group(group):
+    """Each dot-kernel config the autotuner may pick (split-K ones included), forced one by one,
+    matches the reference and leaves every tile counter at zero."""
+    import triton
+
+    from qpass.backends.cuda.kernels import _triton_w4a16 as tw
+
+    gen = torch.Generator().manual_seed(group)
+    m, n, k = 5, 200, 1024
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    s = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).half()
+    x = torch.randn(m, k, generator=gen).half()
+    bias = torch.randn(n, generator=gen)
+    ref = w4a16_gemm(x, pack_int4(q), s, bias, group, backend="reference").float()
+    xc, wc, sc, bc = x.cuda(), pack_int4(q).cuda().view(torch.int8), s.cuda(), bias.cuda()
+    ws, count = tw._workspace(xc.device, tw.MOST_SPLIT_K * m * n, triton.cdiv(n, 16))
+    tried = 0
+    for cfg in tw.DOT_CONFIGS:
+        bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
+        if bk % group or k % (bk * sk):
+            continue
+        y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        tw._w4a16_dot_kernel.fn[(triton.cdiv(n, bn), 1, sk)](
+            xc, wc, sc, bc, y, ws, count, m, n, k, xc.stride(0), wc.stride(0), sc.stride(0), y.stride(0), 16,
+            HAS_BIAS=True, GROUP=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        got = y.cpu().float()
+        assert (got - ref).norm() / ref.norm() < 1e-3, cfg
+        assert not count.any(), cfg  # each tile's last program reset its counter
+        tried += 1
+    assert tried == len(tw.DOT_CONFIGS)
+
+
+@gpu
 def test_gpu_w4a16_gemv_large_activations_stay_finite():
     """The GEMV sums 8 products in float16: activations in the thousands must not overflow."""
     gen = torch.Generator().manual_seed(3)

@@ -222,11 +222,11 @@ class LoweredProgram:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # autotuning and allocations happen outside the graph
+            for _ in range(2):  # autotuning and allocations (kernel workspaces, per stream) happen outside the graph
                 self(**static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream: its workspaces
             outputs = self(**static)
 
         def replay(**new):

@@ -31,7 +31,8 @@ __all__ = ["Calibration", "CalibrationResult", "annotated_activations", "shares_
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationResult:
-    """``observers[value_name]`` for each annotated activation; ``samples`` batches seen."""
+    """``observers[value_name]`` for each annotated activation with parameters of its own
+    (see :func:`shares_input_parameters`); ``samples`` batches seen."""
 
     observers: Mapping[str, Observer]
     samples: int

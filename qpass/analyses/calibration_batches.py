@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import queue
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,30 +23,47 @@ def calibration_batches(
     names = list(names)
     graph_inputs = {v.name for v in model.graph.inputs}
     outputs = [n for n in names if n not in graph_inputs]
-    # Two batches run at once on one session, each on half the cores (onnxruntime sessions are
-    # thread-safe and release the GIL), and a third waits, while the caller's observers digest
-    # the oldest one; batches come back in order and at most four are held. One sample rarely
-    # keeps all cores busy on its own: on 2 cores onnxruntime ran the OCR model's 64 calibration
-    # samples in 0.75 s one 2-thread run at a time and in 0.55 s this way. Idle onnxruntime
-    # threads sleep instead of spinning, so they leave the cores to the observers.
-    workers = 2
-    session = ort_backend.make_session(model, extra_outputs=outputs, threads=max(1, (os.cpu_count() or 1) // workers),
-                                       config={"session.intra_op.allow_spinning": "0"})
+    # Two batches run at once, each on half the cores (onnxruntime releases the GIL), and a
+    # third waits, while the caller's observers digest the oldest one; batches come back in
+    # order and at most four are held. One sample rarely keeps all cores busy on its own: on 2
+    # cores onnxruntime ran the OCR model's 64 calibration samples in 0.75 s one 2-thread run at
+    # a time and in 0.55 s this way. Each run gets a session of its own (sessions share the
+    # weight arrays; a session's threads serve one run at a time), except with one thread per
+    # run: then there is no thread pool to share and both runs use one session. Idle
+    # onnxruntime threads sleep instead of spinning, so they leave the cores to the observers.
+    workers, threads = 2, ort_backend.half_the_cores()
+
+    def new_session():
+        return ort_backend.make_session(model, extra_outputs=outputs, threads=threads,
+                                        config={"session.intra_op.allow_spinning": "0"})
+
+    session = new_session()
     inputs = {i.name for i in session.get_inputs()}
+    idle: queue.SimpleQueue = queue.SimpleQueue()  # a run takes a session from here and puts it back
+    for i in range(workers):
+        idle.put(session if i == 0 or threads == 1 else new_session())
 
     def run(feeds):
-        return feeds, ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+        session = idle.get()  # each run has a session to itself
+        try:
+            return feeds, ort_backend.run(session, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+        finally:
+            idle.put(session)
 
     batches = iter(data)
+    pending: deque = deque()
     with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        while True:
-            while len(pending) < workers + 1:
-                upcoming = next(batches, None)
-                if upcoming is None:
-                    break
-                pending.append(pool.submit(run, upcoming))
-            if not pending:
-                return
-            feeds, results = pending.popleft().result()
-            yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
+        try:
+            while True:
+                while len(pending) < workers + 1:
+                    upcoming = next(batches, None)
+                    if upcoming is None:
+                        break
+                    pending.append(pool.submit(run, upcoming))
+                if not pending:
+                    return
+                feeds, results = pending.popleft().result()
+                yield {name: feeds[name] if name in graph_inputs else results[name] for name in names}
+        finally:  # an error or an early stop: batches not yet started are dropped
+            for future in pending:
+                future.cancel()

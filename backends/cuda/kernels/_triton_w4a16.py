@@ -24,7 +24,8 @@ columns: no interleaving, and triton loads the bytes from shared memory straight
 dot-operand layout. At M <= 16 the N tiles alone are too few to stream the weights at full
 bandwidth, so ``SPLIT_K`` programs share one output tile: each stores its float32 partial sum
 in its own workspace slot and bumps the tile's counter; the last one adds the slots in a fixed
-order (deterministic), adds the bias, stores float16 and resets the counter: one launch.
+order (for a given tile configuration, the same bytes every call), adds the bias, stores float16
+and resets the counter: one launch.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ DOT_CONFIGS = [_cfg(*c) for c in [(32, 128, 4, 2, 4), (32, 128, 2, 2, 8), (64, 1
                                   (128, 128, 4, 4, 4), (32, 128, 4, 2, 2), (64, 128, 4, 4, 2), (128, 128, 4, 8, 8),
                                   (16, 128, 4, 1, 4), (32, 256, 2, 2, 4), (64, 128, 4, 4, 1), (32, 128, 4, 2, 1)]]
 MOST_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DOT_CONFIGS)
+SPLIT_K_ROWS = 16  # split K (and hold a workspace) only up to this many rows
 
 
 def _largest_block(k: int) -> int:
@@ -66,10 +68,11 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_dot(configs, named_args, **kwargs):
-    k = named_args["K"]
-    most = MOST_SPLIT_K if named_args["M"] <= 16 else 1  # larger M has tiles enough: no split-K workspace
-    out = [c for c in configs if c.kwargs["SPLIT_K"] <= most and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
-    return out or [_cfg(16, _largest_block(k), 3, 4, 1)]
+    k, group = named_args["K"], named_args.get("GROUP", 128)
+    most = MOST_SPLIT_K if named_args["M"] <= SPLIT_K_ROWS else 1  # more rows have tiles enough
+    out = [c for c in configs if c.kwargs["SPLIT_K"] <= most and c.kwargs["BLOCK_K"] % group == 0
+           and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
+    return out or [_cfg(16, group, 3, 4, 1)]  # K is a multiple of the group
 
 
 # One int32 weight word (8 nibbles, k = 8w + j in nibble j) against four int32 words of x, each
@@ -241,8 +244,9 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
                                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group)
         return
     block_m = 16
-    tiles_m, most_tiles_n = triton.cdiv(M, block_m), triton.cdiv(N, 16)
-    ws, count = _workspace(x.device, (MOST_SPLIT_K if M <= 16 else 0) * M * N, tiles_m * most_tiles_n)
+    tiles_m = triton.cdiv(M, block_m)
+    split = M <= SPLIT_K_ROWS
+    ws, count = _workspace(x.device, MOST_SPLIT_K * M * N if split else 0, tiles_m * triton.cdiv(N, 16) if split else 0)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), tiles_m, meta["SPLIT_K"])
@@ -252,16 +256,25 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
                             HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m)
 
 
-_WORKSPACES: dict = {}
+_WORKSPACES: dict = {}  # (device, stream) -> [partial sums, counters]
+_RETIRED: list = []  # outgrown buffers: a captured CUDA graph may still address them
 
 
 def _workspace(device, size: int, tiles: int):
     """Per stream: room for the split-K partial sums (float32, one [M, N] slot per program along
     K) and the per-tile counters, which are zero between calls (each tile's last program resets
-    its counter)."""
+    its counter). Buffers only grow, and an outgrown one is kept alive, so a CUDA graph captured
+    on this stream keeps valid addresses; ``capture()`` warms up on its capture stream, so the
+    buffers exist before the graph records them."""
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     found = _WORKSPACES.get(key)
-    if found is None or found[0].numel() < size or found[1].numel() < tiles:
-        found = (torch.empty(size, device=device, dtype=torch.float32), torch.zeros(tiles, device=device, dtype=torch.int32))
-        _WORKSPACES[key] = found
+    if found is None:
+        found = _WORKSPACES[key] = [torch.empty(0, device=device, dtype=torch.float32),
+                                    torch.zeros(0, device=device, dtype=torch.int32)]
+    if found[0].numel() < size:
+        _RETIRED.append(found[0])
+        found[0] = torch.empty(size, device=device, dtype=torch.float32)
+    if found[1].numel() < tiles:
+        _RETIRED.append(found[1])
+        found[1] = torch.zeros(tiles, device=device, dtype=torch.int32)
     return found

@@ -80,27 +80,28 @@ def int8_gemm_numpy(a_q: np.ndarray, b_q_t: np.ndarray, a_scale: np.ndarray | No
     y = y * sb[None, :]
     if bias is not None:
         y = y + np.asarray(bias, np.float32).reshape(1, -1)
-    y = _activate(y, activation)
+    y = _ACTIVATIONS[activation](y)
     if requant is not None:
         return _rint_requant(y, *requant)
     return y.astype(out_dtype)
 
 
-def _check_activation(activation: str | None) -> None:
-    if activation not in (None, "relu", "gelu", "gelu_tanh"):
-        raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
-
-
-def _activate(y: np.ndarray, activation: str | None) -> np.ndarray:
-    if activation is None:
-        return y
-    if activation == "relu":
-        return np.maximum(y, np.float32(0))
+def _gelu(y: np.ndarray) -> np.ndarray:
     y64 = y.astype(np.float64)
-    if activation == "gelu":
-        erf = np.frompyfunc(math.erf, 1, 1)(y64 / math.sqrt(2)).astype(np.float64)
-        return (0.5 * y64 * (1.0 + erf)).astype(np.float32)
-    return (0.5 * y64 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3)))).astype(np.float32)  # gelu_tanh
+    return (0.5 * y64 * (1.0 + np.frompyfunc(math.erf, 1, 1)(y64 / math.sqrt(2)).astype(np.float64))).astype(np.float32)
+
+
+def _gelu_tanh(y: np.ndarray) -> np.ndarray:
+    y64 = y.astype(np.float64)
+    return (0.5 * y64 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3)))).astype(np.float32)
+
+
+_ACTIVATIONS = {None: lambda y: y, "relu": lambda y: np.maximum(y, np.float32(0)), "gelu": _gelu, "gelu_tanh": _gelu_tanh}
+
+
+def _check_activation(activation: str | None) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"int8_gemm: activation must be None, 'relu', 'gelu' or 'gelu_tanh', got '{activation}'")
 
 
 def _torch():
