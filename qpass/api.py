@@ -13,7 +13,7 @@ from qpass.model_io import load_model
 from qpass.pipeline import PassStats, Pipeline, PipelineResult, check_graph
 from qpass.registry import load_recipe, parse_pipeline
 
-__all__ = ["run", "build_passes", "weight_only", "FORMATS", "check_format", "to_format"]
+__all__ = ["run", "build_passes", "FORMATS", "check_format", "to_format"]
 
 FORMATS = ("qdq", "qoperator")
 
@@ -41,21 +41,6 @@ def to_format(model: ir.Model, format: str = "qdq", *, contrib_ops: bool = False
         except Exception as e:
             raise VerificationError(f"the QOperator model fails the ONNX checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return lowered
-
-
-# passes that read no data: a pipeline of these and weight-only annotation needs no calibration
-_DATA_FREE = ("fold-constants", "remove-noops", "fold-batchnorm", "fuse-layernorm", "fuse-gelu", "eliminate-dead-nodes", "insert-qdq")
-
-
-def weight_only(passes) -> bool:
-    """True when ``passes`` quantize weights only (``annotate-quant`` with ``activations`` false)
-    and read no calibration data."""
-    names = [getattr(p, "name", "") for p in passes]
-    annotations = [p for p in passes if getattr(p, "name", "") == "annotate-quant"]
-    quantizes_activations = any(
-        p.activations or any(o.get("activations", False) for o in p.overrides.values()) for p in annotations
-    )
-    return bool(annotations) and not quantizes_activations and all(n in _DATA_FREE or n == "annotate-quant" for n in names)
 
 
 def build_passes(

@@ -269,8 +269,8 @@ def quantize(ctx, model, output, calib, random_calib, recipe, exclude, per_chann
         observer=observer, activation_dtype=activation_dtype, weight_dtype=weight_dtype,
         format=out_format, contrib_ops=contrib_ops,
     )
-    if calib is None and not random_calib:  # it ran without data: the recipe quantizes weights only
-        click.echo(f"qpass: note: recipe '{recipe}' quantizes weights only: no calibration data needed; the report compares on 4 generated inputs", err=True)
+    if calib is None and not random_calib:  # it ran without data: no pass of the recipe needed any
+        click.echo(f"qpass: note: recipe '{recipe}' needs no calibration data; the report compares on 4 generated inputs", err=True)
     qpass.save_model(result.model, output, input_path=model)
     if report_json:
         write_text(report_json, result.report.to_json())

@@ -16,8 +16,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qpass.api import build_passes, check_format, to_format, weight_only
-from qpass.errors import CalibrationError, PipelineError
+from qpass.api import build_passes, check_format, to_format
+from qpass.errors import PipelineError
 from qpass.model_io import load_model
 from qpass.pipeline import PassStats, Pipeline, PipelineResult
 from qpass.report import QuantReport, build_report
@@ -84,18 +84,17 @@ def quantize(
         raise PipelineError(f"recipe '{recipe}' does not quantize: choose a quantizing recipe (see 'qpass recipes')")
     split = next((i for i, p in enumerate(pass_list) if getattr(p, "name", "") == "annotate-quant"), first_quant)
     ir_model = load_model(model, example_inputs)
-    if calibration is None and not random_calibration:
-        if not weight_only(pass_list):
-            raise CalibrationError("quantizing activations needs calibration data: pass it (CLI: --calib DATA, "
-                                   "or --random-calib N to try it out)")
-        # weight-only: scales come from the weights; generated inputs feed only checks and the report
-        logger.info("the pipeline quantizes weights only: the report compares on 4 generated inputs")
+    no_data = calibration is None and not random_calibration
+    if no_data:
+        # generated inputs feed only the checks and the report: an analysis that needs data
+        # (activation ranges, smoothing statistics) finds none in the context and says so
+        logger.info("no calibration data: checks and the report use 4 generated inputs")
         calibration = [probe_feeds(ir_model, seed) for seed in range(4)]
     calib = load_calibration(calibration, ir_model, limit=limit, random_samples=random_calibration)
     if calib.is_random:
         logger.warning("calibrating on RANDOM data: scales will not fit real inputs; pass real calibration data")
     first_feeds = next(iter(calib))
-    context = {"calibration": calib, "progress": progress}
+    context = {"calibration": None if no_data else calib, "progress": progress}
     stage1 = Pipeline(pass_list[:split], verify=verify, probe_feeds=first_feeds, context=context, on_pass=on_pass).run(ir_model)
     float_model = ir_model.clone()
     stage2 = Pipeline(

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import qpass
-from qpass.api import build_passes, weight_only
+from qpass.api import build_passes
 from qpass.backends.onnxruntime import fused_op_census, make_session
 from qpass.cli import main
 from qpass.demo import demo_calibration, demo_cnn, demo_transformer
@@ -339,10 +339,15 @@ def test_int4_per_channel_weights_now_raise_the_opset_too():
     assert dq.inputs[0].const_value.dtype == ir.DataType.INT4 and "block_size" not in dq.attributes
 
 
-def test_weight_only_recipes_need_no_calibration():
-    assert weight_only(build_passes("w4a16")) and weight_only(build_passes("w8a16"))
-    assert not weight_only(build_passes("w8a8")) and not weight_only(build_passes("smoothquant-w8a8"))
-    assert not weight_only(build_passes(None, _w4(overrides="{fc1: {activations: true}}")))
+def test_only_passes_that_read_data_need_calibration():
+    proto = demo_transformer()
+    for recipe in ("w4a16", "w8a16"):
+        assert qpass.quantize(proto, None, recipe=recipe, report=False).model is not None
+    for recipe in ("w8a8", "smoothquant-w8a8"):
+        with pytest.raises(qpass.CalibrationError, match="needs calibration data"):
+            qpass.quantize(proto, None, recipe=recipe, report=False)
+    with pytest.raises(qpass.CalibrationError, match="needs calibration data"):
+        qpass.quantize(proto, None, passes=_w4(overrides="{fc1: {activations: true}}"), report=False)
 
 
 def test_cli_quantize_w4a16_without_calibration(tmp_path):
@@ -350,7 +355,7 @@ def test_cli_quantize_w4a16_without_calibration(tmp_path):
     onnx.save(demo_transformer(), src)
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--recipe", "w4a16"])
     assert result.exit_code == 0, result.output
-    assert "MatMulNBits" in result.output and "quantizes weights only" in result.output
+    assert "MatMulNBits" in result.output and "needs no calibration data" in result.output
     saved = onnx.load(out)
     onnx.checker.check_model(saved, full_check=True)
     assert saved.opset_import[0].version == 21
