@@ -5,7 +5,9 @@ with a kebab-case ``name``, ``preserves_float`` and typed option fields. ``call`
 :class:`PassReport` (a ``PassResult`` that also counts rewrites and skipped matches with
 their reasons); a plain ``PassResult`` is accepted too, so any onnx_ir pass can be used.
 Passes ask for analyses with :meth:`Pass.analysis`; inside a pipeline the runner serves
-them from its cache, standalone they are computed on the spot.
+them from its cache, standalone they are computed on the spot. A pass that changes a weight
+gives its value a new tensor and never writes into an existing array: the runner re-verifies
+a modified graph unless its serialized form and every weight array are the ones it last ran.
 """
 
 from __future__ import annotations
