@@ -68,7 +68,7 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_dot(configs, named_args, **kwargs):
-    k, group = named_args["K"], named_args.get("GROUP", 128)
+    k, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP", 128))  # a keyword: in kwargs
     most = MOST_SPLIT_K if named_args["M"] <= SPLIT_K_ROWS else 1  # more rows have tiles enough
     out = [c for c in configs if c.kwargs["SPLIT_K"] <= most and c.kwargs["BLOCK_K"] % group == 0
            and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
