@@ -120,6 +120,31 @@ def test_calibration_observes_no_value_that_takes_its_input_parameters():
     assert model.graph.node("pool").inputs[0].name in annotated_activations(model, observed_only=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_calibration_batches_come_back_in_order_with_the_values_of_each_feed(monkeypatch, threads):
+    """Two runs at once (one shared session with one thread each, else a session per run): every
+    batch's values are those of a plain run on its own feed, in feed order; an early stop is clean."""
+    from qpass.analyses import calibration_batches as cb
+    from qpass.model_io import load_model
+
+    monkeypatch.setattr(cb.ort_backend, "half_the_cores", lambda: threads)
+    proto = demo_cnn()
+    model = load_model(proto)
+    names = [model.graph.inputs[0].name] + [n.outputs[0].name for n in model.graph][:3]
+    feeds = _calib(proto, n=7)
+    got = list(cb.calibration_batches(model, names, feeds))
+    assert len(got) == 7
+    plain = cb.ort_backend.make_session(model, extra_outputs=names[1:])
+    for feed, values in zip(feeds, got):
+        expected = cb.ort_backend.run(plain, feed, names[1:])
+        np.testing.assert_array_equal(values[names[0]], feed[names[0]])
+        for name in names[1:]:
+            np.testing.assert_allclose(values[name], expected[name], rtol=1e-6, atol=1e-6)
+    batches = cb.calibration_batches(model, names, feeds)
+    next(batches)
+    batches.close()
+
+
 def test_one_quantize_pair_per_tensor_and_outputs_stay_float():
     proto = demo_transformer()
     model = qpass.quantize(proto, _calib(proto), report=False).model
