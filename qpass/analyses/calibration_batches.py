@@ -27,9 +27,9 @@ def calibration_batches(
     # third waits, while the caller's observers digest the oldest one; batches come back in
     # order and at most four are held. One sample rarely keeps all cores busy on its own: on 2
     # cores onnxruntime ran the OCR model's 64 calibration samples (52 values exposed) in 0.62 s
-    # one 2-thread run at a time and in 0.50 s this way. Each run gets a session of its own (sessions share the
-    # weight arrays; a session's threads serve one run at a time), except with one thread per
-    # run: then there is no thread pool to share and both runs use one session. Idle
+    # one 2-thread run at a time and in 0.50 s this way. Each run gets a session of its own
+    # (sessions share the weight arrays; a session's threads serve one run at a time), except
+    # with one thread per run: no thread pool to share, so both runs use one session. Idle
     # onnxruntime threads sleep instead of spinning, so they leave the cores to the observers.
     workers, threads = 2, ort_backend.half_the_cores()
 

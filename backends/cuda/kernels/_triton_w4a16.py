@@ -58,13 +58,10 @@ MOST_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DOT_CONFIGS)
 SPLIT_K_ROWS = 16  # split K (and hold a workspace) only up to this many rows
 
 
-def _largest_block(k: int) -> int:
-    return min(128, k & -k)  # the largest power of two dividing K, at most 128: a multiple of the group
-
-
 def _prune_gemv(configs, named_args, **kwargs):
     k = named_args["K"]
-    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0] or [_gemv_cfg(16, _largest_block(k), 3, 4)]
+    # else the largest power of two dividing K, at most 128 (K is a multiple of the group)
+    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0] or [_gemv_cfg(16, min(128, k & -k), 3, 4)]
 
 
 def _prune_dot(configs, named_args, **kwargs):
