@@ -17,7 +17,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["half_the_cores", "is_placeholder", "make_session", "run", "session_bytes", "session_from_bytes"]
+__all__ = [
+    "fused_op_census", "fused_op_census_of_bytes", "half_the_cores", "is_placeholder", "make_session", "run",
+    "session_bytes", "session_from_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +225,12 @@ def fused_op_census(model: ir.Model, threads: int | None = None) -> dict:
     element-wise ops that have QLinear kernels) still fed by a DequantizeLinear, i.e.
     quantized layers that did not get an integer kernel.
     """
+    return fused_op_census_of_bytes(session_bytes(model, drop_unused=True), threads)
+
+
+def fused_op_census_of_bytes(graph: tuple[bytes, list[str], list[np.ndarray]], threads: int | None = None) -> dict:
+    """:func:`fused_op_census` on what :func:`session_bytes` returned (safe on a worker thread:
+    the model itself is not touched)."""
     import os
     import tempfile
 
@@ -234,7 +243,7 @@ def fused_op_census(model: ir.Model, threads: int | None = None) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, optimize=True, threads=threads, optimized_model_path=path, config=config)
+        session_from_bytes(*graph, optimize=True, threads=threads, optimized_model_path=path, config=config)
         optimized = onnx.load(path, load_external_data=False)
     producers = {o: n for n in optimized.graph.node for o in n.output}
     integer: dict[str, int] = {}
