@@ -180,8 +180,14 @@ class _Lowering:
             return True
         if self.contrib_ops:
             inputs = [a.codes, b.codes, a.scale, b.scale, a.zero, b.zero]
+            old, old_out = [node], node.outputs[0]
+            bias_add = self._bias_add(node, b)
+            if bias_add is not None:  # the Add of a bias (int32 through a DQ, or float) joins as the bias input
+                add, bias = bias_add
+                inputs.append(bias)
+                old, old_out = [node, add], add.outputs[0]
             new = ir.node("MatMulIntegerToFloat", inputs, domain=_MS, name=node.name)
-            self._replace([node], [new], node.outputs[0], new.outputs[0])
+            self._replace(old, [new], old_out, new.outputs[0])
             return True
         return self.matmul_integer and self._integer_matmul(node, a, b, b.codes, None)
 
@@ -289,6 +295,19 @@ class _Lowering:
         except ValueError:  # shapes that do not broadcast
             return None
         return codes if same else None
+
+    def _bias_add(self, node: ir.Node, b: _Q) -> tuple[ir.Node, ir.Value] | None:
+        """The one Add after MatMul ``node`` with a constant [N] bias, and that bias in float."""
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output() or not is_op(uses[0].node, "Add"):
+            return None
+        add, source = uses[0].node, uses[0].node.inputs[1 - uses[0].idx]
+        weight = const_array(b.codes)
+        if weight is None or source is None or source.shape is None or tuple(source.shape) != (weight.shape[1],):
+            return None
+        bias = self._float_bias(source)
+        return None if bias is None else (add, bias)
 
     def _float_bias(self, value: ir.Value) -> ir.Value | None:
         """A constant float bias, dequantized here when it is read through a DQ."""

@@ -9,7 +9,10 @@ Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales fr
            layout onnxruntime's MatMulNBits fusion reads);
            the float bias of a Conv/ConvTranspose/Gemm whose input and weight are quantized
            -> int32 initializer + DequantizeLinear with scale ``s_x * s_w`` (the weight scale
-           is enlarged where the bias would overflow int32, ALGORITHMS.md §11.4);
+           is enlarged where the bias would overflow int32, ALGORITHMS.md §11.4); so is the
+           constant [N] bias of the one Add after such a MatMul where onnxruntime turns the
+           pair into a Gemm (an input of rank 2, or of a static shape): a float bias would
+           leave that Gemm in float, an int32 one makes it a QGemm;
            activations -> one QuantizeLinear and one DequantizeLinear after the producer,
            consumers read the DequantizeLinear (graph outputs stay float). Outputs of
            data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
@@ -157,8 +160,9 @@ class InsertQDQPass(Pass):
                 if value is None or value.const_value is None or SPEC_KEY not in value.meta:
                     continue
                 if value.name not in weight_done:
-                    bias = self._bias_of(node, i, params)
-                    weight_done[value.name] = self._quantize_weight(graph, node, value, bias, params)
+                    # every reader's bias becomes int32 at its own s_x * s_w (a weight may be shared)
+                    biases = [b for use in value.uses() if (b := self._bias_of(use.node, use.idx, params)) is not None]
+                    weight_done[value.name] = self._quantize_weight(graph, node, value, biases, params)
                     counts["weights"] += 1
                     if value.meta[SPEC_KEY].granularity == "group":
                         counts["group-wise weights"] += 1
@@ -180,17 +184,41 @@ class InsertQDQPass(Pass):
         return report
 
     @staticmethod
-    def _bias_of(node: ir.Node, weight_index: int, params) -> ir.Value | None:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight_index != 1 or len(node.inputs) < 3:
-            return None
-        bias, x = node.inputs[2], node.inputs[0]
-        if node.inputs[weight_index].meta[SPEC_KEY].granularity == "group":
+    def _bias_of(node: ir.Node, weight_index: int, params) -> tuple[ir.Node, ir.Node, int] | None:
+        """(reader, holder, input index) of the float bias that goes int32 with ``node``'s weight:
+        a Conv/ConvTranspose/Gemm's own bias, or the bias Add after a MatMul (see the module doc)."""
+        if weight_index != 1 or node.inputs[1].meta[SPEC_KEY].granularity == "group":
             return None  # a bias scale s_x * s_w needs one weight scale per output channel
-        if bias is None or bias.const_value is None or x is None or x.name not in params:
+        x = node.inputs[0]
+        if x is None or x.name not in params or params[x.name][0].size != 1:
+            return None
+        if node.op_type == "MatMul":
+            return InsertQDQPass._matmul_bias(node)
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+            return None
+        bias = node.inputs[2]
+        if bias is None or bias.const_value is None:
             return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return None
-        return bias
+        return node, node, 2
+
+    @staticmethod
+    def _matmul_bias(node: ir.Node) -> tuple[ir.Node, ir.Node, int] | None:
+        """The bias Add after a MatMul that onnxruntime's MatMul+Add fusion makes a Gemm."""
+        x, w, out = node.inputs[0], node.inputs[1], node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add" or w.const_value is None:
+            return None
+        add, index = uses[0].node, 1 - uses[0].idx
+        bias = add.inputs[index]
+        if x.shape is None or len(w.const_value.shape) != 2 or not (x.shape.rank() == 2 or x.shape.is_static()):
+            return None
+        if bias is None or bias.const_value is None or SPEC_KEY in bias.meta or bias.dtype != out.dtype:
+            return None
+        if tuple(bias.const_value.shape) != (w.const_value.shape[1],):
+            return None
+        return node, add, index
 
     @staticmethod
     def _untranspose(node: ir.Node, weight: ir.Value, params) -> bool:
@@ -199,7 +227,11 @@ class InsertQDQPass(Pass):
                 and node.inputs[0].name not in params and len(weight.uses()) == 1 and not weight.is_graph_output()
                 and weight.const_value.shape.rank() == 2)
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, value: ir.Value, bias: ir.Value | None, params) -> ir.Value:
+    def _quantize_weight(
+        self, graph: ir.Graph, node: ir.Node, value: ir.Value, biases: list[tuple[ir.Node, ir.Node, int]], params
+    ) -> ir.Value:
+        """The weight's DequantizeLinear; ``biases`` (see :meth:`_bias_of`): each float bias becomes
+        an int32 one with scale ``s_x * s_w`` of its reader."""
         spec: QuantSpec = value.meta[SPEC_KEY]
         w = value.const_value.numpy()
         shape = value.shape
@@ -209,21 +241,23 @@ class InsertQDQPass(Pass):
             spec = spec.replace(axis=1 - spec.axis) if spec.axis is not None else spec
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
         scale, zero, axis = _weight_params(w, spec)
-        if bias is not None:
-            s_x = float(params[node.inputs[0].name][0].reshape(()))
-            b = bias.const_value.numpy().astype(np.float64).reshape(-1)
+        input_scale = {id(reader): float(params[reader.inputs[0].name][0].reshape(())) for reader, _, _ in biases}
+        for reader, holder, index in biases:
+            b = holder.inputs[index].const_value.numpy().astype(np.float64).reshape(-1)
             # enlarge weight scales where the int32 bias would overflow (§11.4)
-            need = np.abs(b) / (s_x * _INT32_MAX)
+            need = np.abs(b) / (input_scale[id(reader)] * _INT32_MAX)
             scale = np.maximum(scale.astype(np.float64), need if axis is not None else need.max()).astype(np.float32)
         q = quantize_array(w, scale, zero, spec, axis)
         block = spec.group_size if spec.granularity == "group" else None
         dq = self._dequantize(graph, value, q, scale, zero.astype(q.dtype), spec.dtype, axis, block, shape)
-        if bias is not None:
-            bias_scale = (s_x * scale.astype(np.float64)).astype(np.float32)
+        for reader, holder, index in biases:
+            bias = holder.inputs[index]
+            b = bias.const_value.numpy().astype(np.float64).reshape(-1)
+            bias_scale = (input_scale[id(reader)] * scale.astype(np.float64)).astype(np.float32)
             b_q = np.clip(np.round(b / bias_scale.astype(np.float64)), -_INT32_MAX, _INT32_MAX).astype(np.int32)
             bias_axis = 0 if bias_scale.size > 1 else None
             bias_dq = self._dequantize(graph, bias, b_q, bias_scale, np.zeros_like(bias_scale, np.int32), None, bias_axis)
-            node.replace_input_with(2, bias_dq)
+            holder.replace_input_with(index, bias_dq)
         return dq
 
     def _dequantize(self, graph, value, q, scale, zero, dtype_name, axis, block_size=None, shape=None) -> ir.Value:

@@ -33,6 +33,24 @@ def test_lowered_program_matches_onnxruntime(builder, recipe, islands):
             np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=2e-6 * np.abs(expected).max() + 1e-6)
 
 
+def test_static_shape_linear_biases_through_int32_dequantize():
+    """With a static input shape, a Linear's bias Add reads an int32 bias through a
+    DequantizeLinear (what onnxruntime's QGemm needs); the program still matches onnxruntime."""
+    proto = demo_transformer()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # batch 2: a fully static shape
+    model = qpass.quantize(proto, demo_calibration(proto, 8, seed=3), report=False).model
+    int32_bias_adds = [n for n in model.graph if n.op_type == "Add" and any(
+        v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+        and v.producer().inputs[0].dtype == ir.DataType.INT32 for v in n.inputs)]
+    assert int32_bias_adds
+    program = lower(model, "cpu")
+    for feeds in demo_calibration(proto, 2, seed=5):
+        ref = run_model(model, feeds)
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, expected in ref.items():
+            np.testing.assert_allclose(got[name].numpy(), expected, rtol=0, atol=2e-6 * np.abs(expected).max() + 1e-6)
+
+
 @pytest.mark.parametrize("options", [dict(group_size=32), dict(activation_dtype="int16")], ids=["int8-groups", "int16-activations"])
 def test_schemes_without_integer_islands_run_op_by_op(options):
     """Group-wise int8 weights and 16-bit activations have no integer kernel: they run op by op,
@@ -88,13 +106,20 @@ def test_unsupported_op_and_missing_input_and_no_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_program_matches_cpu_reference():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-batch", "static-shape"])
+def test_gpu_program_matches_cpu_reference(static):
+    """Static shapes give the Linears int32 biases through a DequantizeLinear: the GPU program
+    still folds them into the GEMM epilogue and requantizes there."""
     proto = demo_transformer()
+    if static:
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
     feeds = {k: torch.from_numpy(v) for k, v in demo_calibration(proto, 1, seed=5)[0].items()}
     cpu = lower(model, "cpu")(**feeds)["output"]
-    gpu = lower(model, "cuda")(**feeds)["output"].cpu()
+    program = lower(model, "cuda")
+    gpu = program(**feeds)["output"].cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+    assert program.int8_values  # Linear -> bias -> GELU -> next Linear stays int8 between the GEMMs
 
 
 def test_half_precision_mode_and_skipped_qdq():

@@ -91,6 +91,81 @@ def test_matmul_and_gemm_axes():
     assert _dq_of(model, "Wn").attributes.get_int("axis") == 1
 
 
+def _matmul_add_model(seq) -> onnx.ModelProto:
+    """x [1, seq, 8] -> MatMul(W [8, 6]) -> Add(b [6]) -> MatMul(W2) -> y: a transformer linear layer."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"], name="linear"), helper.make_node("Add", ["m", "b"], ["h"], name="bias"),
+         helper.make_node("MatMul", ["h", "W2"], ["y"], name="head")],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, 3])],
+        [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_matmul_bias_goes_int32_where_onnxruntime_makes_a_gemm():
+    """A static-shape MatMul + Add(bias) becomes a Gemm in onnxruntime: its bias must be int32 at
+    s_x * s_w for a QGemm (a float bias leaves the Gemm in float); with a dynamic shape the pair
+    stays a MatMul whose float bias onnxruntime folds into MatMulIntegerToFloat."""
+    static = _matmul_add_model(5)
+    result = qpass.quantize(static, _calib(static))
+    model = result.model
+    add = model.graph.node("bias")
+    bias_dq = add.inputs[1].producer()
+    assert bias_dq is not None and bias_dq.op_type == "DequantizeLinear"
+    assert bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    x_scale = float(model.graph.node("linear").inputs[0].producer().inputs[1].const_value.numpy())
+    w_scale = _dq_of(model, "W").inputs[1].const_value.numpy()
+    np.testing.assert_allclose(bias_dq.inputs[1].const_value.numpy(), x_scale * w_scale, rtol=1e-6)
+    assert result.report.fused["integer"].get("QGemm") == 1
+    assert not result.report.fused["float_behind_dq"]
+
+    dynamic = _matmul_add_model("seq")
+    model = qpass.quantize(dynamic, _calib(dynamic), report=False).model
+    assert model.graph.node("bias").inputs[1].const_value is not None  # the float bias, as it was
+
+    # QOperator form: either bias joins MatMulIntegerToFloat as its float bias input
+    for proto in (static, dynamic):
+        result = qpass.quantize(proto, _calib(proto), format="qoperator", contrib_ops=True)
+        linear = result.model.graph.node("linear")
+        assert linear.op_type == "MatMulIntegerToFloat" and len(linear.inputs) == 7
+        assert "Add" not in [n.op_type for n in result.model.graph]
+        assert not result.report.fused["float_behind_dq"]
+
+
+def test_shared_weight_quantizes_every_readers_bias():
+    """Two Gemms reading one weight with their own inputs and biases: both biases go int32,
+    each at its own input's scale times the shared weight scale."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b1"], ["g1"], name="first", transB=1),
+         helper.make_node("Relu", ["g1"], ["r"], name="relu"),
+         helper.make_node("Mul", ["r", "ten"], ["r10"], name="scale_up"),
+         helper.make_node("Gemm", ["r10", "W", "b2"], ["y"], name="second", transB=1)],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        [numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b1"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b2"),
+         numpy_helper.from_array(np.array(10.0, np.float32), "ten")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    w_scale = _dq_of(model, "W").inputs[1].const_value.numpy()
+    input_scales = []
+    for name in ("first", "second"):
+        gemm = model.graph.node(name)
+        bias_dq = gemm.inputs[2].producer()
+        assert bias_dq.op_type == "DequantizeLinear" and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+        x_scale = float(gemm.inputs[0].producer().inputs[1].const_value.numpy())
+        np.testing.assert_allclose(bias_dq.inputs[1].const_value.numpy(), x_scale * w_scale, rtol=1e-6)
+        input_scales.append(x_scale)
+    assert input_scales[0] != input_scales[1]
+
+
 def test_maxpool_shares_its_input_parameters():
     proto = _conv_model("Conv")
     model = qpass.quantize(proto, _calib(proto), report=False).model

@@ -249,6 +249,16 @@ def _dq_params(node: ir.Node | None):
     return data, scale, zero
 
 
+def constant_bias(value: ir.Value | None) -> np.ndarray | None:
+    """A constant bias in float32: an initializer, or constant int32 codes through a
+    DequantizeLinear (as onnxruntime computes it: float32(code - zero) * scale)."""
+    dq = _dq_params(value.producer()) if value is not None else None
+    if dq is not None and dq[0] is not None and dq[1] is not None:
+        codes, scale, zero = dq
+        return (codes.astype(np.int64) - (0 if zero is None else zero)).astype(np.float32) * scale.astype(np.float32)
+    return _const(value)
+
+
 def match_island(node: ir.Node, device) -> QuantizedLinear | None:
     torch = _torch()
     if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:

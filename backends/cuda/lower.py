@@ -35,6 +35,7 @@ from qpass.backends.cuda.attention_island import QuantizedAttention, match_atten
 from qpass.backends.cuda.islands import (
     QuantizedLinear,
     WeightOnlyLinear,
+    constant_bias,
     conv_island,
     is_tracing,
     match_island,
@@ -170,12 +171,15 @@ class LoweredProgram:
             value, fold, extra_bias, act = node.outputs[0], [], None, None
             nxt = only_consumer(value)
             if nxt is not None and nxt.op_type == "Add":
-                b = _const(nxt.inputs[1] if nxt.inputs[0] is value else nxt.inputs[0])
+                bias = nxt.inputs[1] if nxt.inputs[0] is value else nxt.inputs[0]
+                b = constant_bias(bias)
                 rank = value.shape.rank() if value.shape is not None else None
                 if (b is not None and b.dtype == np.float32 and b.size == island.w_t.shape[0] and b.shape[-1] == b.size
                         and rank is not None and b.ndim <= rank):
                     extra_bias, value = b.reshape(-1), nxt.outputs[0]
                     fold.append(nxt)
+                    if bias.producer() is not None and len(bias.uses()) == 1 and not bias.is_graph_output():
+                        fold.append(bias.producer())  # an int32 bias's DequantizeLinear: only the Add read it
                     nxt = only_consumer(value)
             if nxt is not None and nxt.op_type in ("Relu", "Gelu"):
                 act = "relu" if nxt.op_type == "Relu" else ("gelu_tanh" if attr(nxt, "approximate", "none") == "tanh" else "gelu")
