@@ -241,22 +241,21 @@ class InsertQDQPass(Pass):
             spec = spec.replace(axis=1 - spec.axis) if spec.axis is not None else spec
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
         scale, zero, axis = _weight_params(w, spec)
-        input_scale = {id(reader): float(params[reader.inputs[0].name][0].reshape(())) for reader, _, _ in biases}
-        for reader, holder, index in biases:
-            b = holder.inputs[index].const_value.numpy().astype(np.float64).reshape(-1)
+        # per bias: its holder, input index, float values and its reader's input scale s_x
+        floats = [(holder, index, holder.inputs[index].const_value.numpy().astype(np.float64).reshape(-1),
+                   float(params[reader.inputs[0].name][0].reshape(()))) for reader, holder, index in biases]
+        for _, _, b, s_x in floats:
             # enlarge weight scales where the int32 bias would overflow (§11.4)
-            need = np.abs(b) / (input_scale[id(reader)] * _INT32_MAX)
+            need = np.abs(b) / (s_x * _INT32_MAX)
             scale = np.maximum(scale.astype(np.float64), need if axis is not None else need.max()).astype(np.float32)
         q = quantize_array(w, scale, zero, spec, axis)
         block = spec.group_size if spec.granularity == "group" else None
         dq = self._dequantize(graph, value, q, scale, zero.astype(q.dtype), spec.dtype, axis, block, shape)
-        for reader, holder, index in biases:
-            bias = holder.inputs[index]
-            b = bias.const_value.numpy().astype(np.float64).reshape(-1)
-            bias_scale = (input_scale[id(reader)] * scale.astype(np.float64)).astype(np.float32)
+        for holder, index, b, s_x in floats:
+            bias_scale = (s_x * scale.astype(np.float64)).astype(np.float32)
             b_q = np.clip(np.round(b / bias_scale.astype(np.float64)), -_INT32_MAX, _INT32_MAX).astype(np.int32)
             bias_axis = 0 if bias_scale.size > 1 else None
-            bias_dq = self._dequantize(graph, bias, b_q, bias_scale, np.zeros_like(bias_scale, np.int32), None, bias_axis)
+            bias_dq = self._dequantize(graph, holder.inputs[index], b_q, bias_scale, np.zeros_like(bias_scale, np.int32), None, bias_axis)
             holder.replace_input_with(index, bias_dq)
         return dq
 

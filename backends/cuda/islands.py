@@ -293,13 +293,9 @@ def match_island(node: ir.Node, device) -> QuantizedLinear | None:
         return None  # per-channel scales along another axis run op by op
     bias = None
     if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = _dq_params(node.inputs[2].producer())
-        if b is not None and b[0] is not None:
-            bias = b[0].astype(np.float64) * b[1].astype(np.float64)
-        else:
-            bias = _const(node.inputs[2])
-            if bias is None:
-                return None
+        bias = constant_bias(node.inputs[2])
+        if bias is None:
+            return None
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return None
     x_scale, x_zero, x_lo, _ = x_params
