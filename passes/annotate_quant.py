@@ -7,7 +7,9 @@ Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation in
            GlobalAveragePool) between quantized tensors get their input and output marked.
            With ``integer_ops`` (default on), ops onnxruntime runs on integers between Q/DQ
            (Sigmoid, LeakyRelu, Add, Mul, Concat, average pools; data-movement ops share
-           their input's parameters) get their output marked when every activation input is
+           their input's parameters, a Mul/Div by a positive scalar constant rescales them; an
+           Add's constant operand read by it alone gets min-max parameters of its own, per
+           tensor) get their output marked when every activation input is
            already marked and the output feeds something that runs on integers (so no Q/DQ
            pair is spent on a tensor that is only read in float: graph outputs and float
            heads stay float). Excluded: nodes whose name, op type or a ``re.fullmatch`` of
@@ -48,6 +50,7 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from qpass.analyses.calibration import scalar_product
 from qpass.pass_base import Pass, PassReport
 from qpass.schemes import LOG_QUANTIZED_KEY, SHARED_PARAMETER_OPS, SPEC_KEY, QuantSpec
 
@@ -229,28 +232,41 @@ class AnnotateQuantPass(Pass):
                 return _matches(node, self.exclude) is None
             return any(o is not None and SPEC_KEY in o.meta for o in node.outputs)
 
-        candidates: list[tuple[ir.Node, ir.Value]] = []
+        candidates: list[tuple[ir.Node, ir.Value, ir.Value | None]] = []
         for node in model.graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + SHARED_PARAMETER_OPS:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + SHARED_PARAMETER_OPS + ("Div",):
                 continue
             if _matches(node, self.exclude) is not None:
                 continue
             data = node.inputs[:1] if node.op_type in SHARED_PARAMETER_OPS else node.inputs
-            if not data or any(v is not None and v.const_value is not None for v in data):
-                continue  # constant operands (x * 0.5) would need their own quantized copy
-            if not all(quantized(v) for v in data if v is not None):
+            constant = None  # an Add's constant operand, quantized with its own parameters
+            if (scaled := scalar_product(node)) is not None:
+                data = [scaled[0]]  # x * k: the same codes with a scaled scale (parameter_source)
+            elif node.op_type == "Div":
+                continue
+            elif node.op_type == "Add" and sum(v is not None and v.const_value is not None for v in data) == 1:
+                constant = next(v for v in data if v.const_value is not None)
+                if not constant.dtype.is_floating_point() or len(constant.uses()) != 1 or constant.is_graph_output():
+                    continue
+                data = [v for v in data if v is not constant]
+            if not data or any(v is None or v.const_value is not None for v in data):
+                continue  # constant operands of other ops (x * w) would need their own quantized copy
+            if not all(quantized(v) for v in data):
                 continue
             out = node.outputs[0]
             follower = out.uses()[0].node if len(out.uses()) == 1 else None
-            if node.op_type in ("Add", "Mul") and follower is not None and follower.op_type in ("Relu", "Clip"):
+            if node.op_type in ("Add", "Mul") and not scaled and follower is not None and follower.op_type in ("Relu", "Clip"):
                 out = follower.outputs[0]
             if out.is_graph_output() or SPEC_KEY in out.meta or _log_quantized(out) or not out.dtype or not out.dtype.is_floating_point():
                 continue
             out.meta[SPEC_KEY] = self._act_spec(self._options_for(node))
-            candidates.append((node, out))
-        for node, out in reversed(candidates):
+            candidates.append((node, out, constant))
+        for node, out, constant in reversed(candidates):
             if not any(integer_reader(u.node) for u in out.uses()):
                 del out.meta[SPEC_KEY]
-            else:
-                marked["activations"] += 1
-                report.rewritten += 1
+                continue
+            if constant is not None:  # min-max over the constant itself, per tensor
+                constant.meta[SPEC_KEY] = out.meta[SPEC_KEY].replace(observer="minmax")
+                marked["weights"] += 1
+            marked["activations"] += 1
+            report.rewritten += 1

@@ -17,7 +17,9 @@ Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales fr
            consumers read the DequantizeLinear (graph outputs stay float). Outputs of
            data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
            Resize) reuse their input's scale and zero-point, so onnxruntime can run them on
-           integers. Parameters come from the ``Calibration`` analysis.
+           integers. A product by a positive scalar constant k (Mul by k, Div by 1/k) is not
+           computed: its readers read a DequantizeLinear of its input's codes at k times the
+           input's scale (exact: the same codes). Parameters come from the ``Calibration`` analysis.
 Preserves: nothing exactly: the float function moves by the quantization error, which the
            pipeline reports as SQNR. Placement follows onnxruntime's QDQ fusion rules
            (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm). ALGORITHMS.md §11.3-11.4.
@@ -31,7 +33,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from qpass.analyses.calibration import Calibration, annotated_activations, shares_input_parameters
+from qpass.analyses.calibration import Calibration, annotated_activations, parameter_source
 from qpass.graph_utils import add_initializer, unique_name, used_names
 from qpass.model_io import opset_of, raise_opset_if_needed
 from qpass.pass_base import Pass, PassReport
@@ -136,13 +138,18 @@ class InsertQDQPass(Pass):
         calib = self.analysis(Calibration(), model) if acts else None
         params: dict[str, tuple[np.ndarray, np.ndarray, QuantSpec]] = {}
         counts: Counter = Counter()
+        sources = {}  # value name -> (input, factor) it takes its parameters from
 
         def act_params(value: ir.Value):
             if value.name in params:
                 return params[value.name]
-            if shares_input_parameters(value):
-                params[value.name] = act_params(value.producer().inputs[0])
-                counts["shared parameters"] += 1
+            if (source := parameter_source(value)) is not None:
+                sources[value.name] = source
+                scale, zero, spec = act_params(source[0])
+                if source[1] != 1.0:
+                    scale = np.asarray(np.float64(scale) * source[1], np.float32)
+                params[value.name] = (scale, zero, spec)
+                counts["shared parameters" if source[1] == 1.0 else "rescaled parameters"] += 1
             else:
                 scale, zero = calib.observers[value.name].qparams()
                 params[value.name] = (np.asarray(scale, np.float32), np.asarray(zero), value.meta[SPEC_KEY])
@@ -167,10 +174,17 @@ class InsertQDQPass(Pass):
                     if value.meta[SPEC_KEY].granularity == "group":
                         counts["group-wise weights"] += 1
                 node.replace_input_with(i, weight_done[value.name])
+        codes: dict[str, ir.Value] = {}  # value name -> the QuantizeLinear output holding its codes
         for name in acts:
             value = values[name]
             scale, zero, spec = params[name]
-            self._insert_pair(graph, value, scale, zero, spec)
+            source = sources.get(name)
+            if source is not None and source[1] != 1.0:
+                # x * k: x's codes read with the scale times k; the product node is left unread
+                codes[name] = codes[source[0].name]
+                self._reinterpret(graph, value, codes[name], scale, zero, spec)
+            else:
+                codes[name] = self._insert_pair(graph, value, scale, zero, spec)
             counts["activations"] += 1
         report.rewritten = counts["weights"] + counts["activations"]
         report.details = dict(counts)
@@ -277,10 +291,25 @@ class InsertQDQPass(Pass):
         graph.insert_before(next(iter(graph)), dq) if len(graph) else graph.append(dq)
         return out
 
-    def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> None:
-        ir_dtype = _IR_DTYPES[spec.dtype]
+    def _qparam_initializers(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> tuple[ir.Value, ir.Value]:
         s_init = add_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32).reshape(()), taken=self._taken)
-        z_init = add_initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), ir_dtype, taken=self._taken)
+        z_init = add_initializer(graph, f"{value.name}_zero_point", np.asarray(zero).astype(_NP_DTYPES[spec.dtype]).reshape(()), _IR_DTYPES[spec.dtype], taken=self._taken)
+        return s_init, z_init
+
+    def _reinterpret(self, graph, value: ir.Value, codes: ir.Value, scale, zero, spec: QuantSpec) -> None:
+        """Every reader of ``value`` reads DequantizeLinear(codes) at ``value``'s own scale and zero-point."""
+        s_init, z_init = self._qparam_initializers(graph, value, scale, zero, spec)
+        dq = ir.node("DequantizeLinear", [codes, s_init, z_init], name=f"{value.name}_DequantizeLinear")
+        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized", self._taken), value.dtype, value.shape
+        users = [(u.node, u.idx) for u in value.uses()]
+        graph.insert_after(value.producer(), dq)
+        for user, idx in users:
+            user.replace_input_with(idx, dq.outputs[0])
+
+    def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> ir.Value:
+        """QuantizeLinear -> DequantizeLinear after ``value``, read by all its readers; returns the codes."""
+        ir_dtype = _IR_DTYPES[spec.dtype]
+        s_init, z_init = self._qparam_initializers(graph, value, scale, zero, spec)
         users = [(u.node, u.idx) for u in value.uses()]
         source, extra = value, []
         if spec.restricted:  # fewer levels than the storage type: clip to the representable range first
@@ -302,3 +331,4 @@ class InsertQDQPass(Pass):
             graph.insert_after(producer, [*extra, q, dq])
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])
+        return q.outputs[0]

@@ -179,7 +179,7 @@ def test_maxpool_shares_its_input_parameters():
 
 
 def test_calibration_observes_no_value_that_takes_its_input_parameters():
-    from qpass.analyses.calibration import annotated_activations, shares_input_parameters
+    from qpass.analyses.calibration import annotated_activations, parameter_source
     from qpass.api import build_passes
     from qpass.model_io import load_model
 
@@ -189,7 +189,7 @@ def test_calibration_observes_no_value_that_takes_its_input_parameters():
             break
         p(model)
     pool_out = model.graph.node("pool").outputs[0]
-    assert shares_input_parameters(pool_out)
+    assert parameter_source(pool_out) == (model.graph.node("pool").inputs[0], 1.0)
     assert pool_out.name in annotated_activations(model)
     assert pool_out.name not in annotated_activations(model, observed_only=True)
     assert model.graph.node("pool").inputs[0].name in annotated_activations(model, observed_only=True)
@@ -299,6 +299,56 @@ def test_integer_capable_ops_get_quantized_where_integers_flow():
     assert result.report.output_sqnr_db["y"] > 30
     plain = qpass.quantize(proto, _calib(proto, 32), integer_ops=False).report.fused
     assert "QLinearSigmoid" not in plain["integer"] and plain["float_behind_dq"].get("Sigmoid") == 2
+
+
+def _hardswish_se_cnn() -> onnx.ModelProto:
+    """MobileNetV3-style: Conv -> HardSwish -> depthwise Conv -> ReLU6 -> squeeze-excite (ReduceMean,
+    Conv, Relu, Conv, HardSigmoid, Mul) -> Conv."""
+    rng = np.random.default_rng(5)
+    inits = {"w0": (8, 3, 3, 3), "w1": (8, 1, 3, 3), "w2": (4, 8, 1, 1), "w3": (8, 4, 1, 1), "w4": (6, 8, 1, 1)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * (3.0 if n == "w1" else 0.5)).astype(np.float32), n)
+             for n, s in inits.items()]  # w1: the ReLU6 saturates often
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0.0), ("six", 6.0))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c0"], ["a0"], name="hswish"),
+        helper.make_node("Conv", ["a0", "w1"], ["c1"], name="dw", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["a1"], name="relu6"),
+        helper.make_node("ReduceMean", ["a1"], ["m"], name="squeeze", axes=[2, 3]),
+        helper.make_node("Conv", ["m", "w2"], ["r"], name="reduce"),
+        helper.make_node("Relu", ["r"], ["rr"], name="relu"),
+        helper.make_node("Conv", ["rr", "w3"], ["e"], name="expand"),
+        helper.make_node("HardSigmoid", ["e"], ["g"], name="gate", alpha=1 / 6),
+        helper.make_node("Mul", ["a1", "g"], ["se"], name="excite"),
+        helper.make_node("Conv", ["se", "w4"], ["y"], name="project"),
+    ]
+    graph = helper.make_graph(nodes, "mbv3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_hardswish_squeeze_excite_and_relu6_run_on_integers():
+    """HardSwish/HardSigmoid as QLinearAdd (its saturation is the clip) and QLinearMul, the gate's
+    1/6 as a rescaled DequantizeLinear of the same codes, ReduceMean as QLinearGlobalAveragePool,
+    and a ReLU6's range kept inside [0, 6] so onnxruntime drops the Clip."""
+    proto = _hardswish_se_cnn()
+    result = qpass.quantize(proto, _calib(proto, 32))
+    fused = result.report.fused
+    assert fused["float_behind_dq"] == {"Conv": 1}  # the last Conv writes the float graph output
+    assert fused["integer"].get("QLinearConv") == 4 and fused["integer"].get("QLinearGlobalAveragePool") == 1
+    assert fused["integer"].get("QLinearAdd") == 2 and fused["integer"].get("QLinearMul") == 2
+    assert result.report.output_sqnr_db["y"] > 25
+    graph = result.model.graph
+    ratios = []  # the clipped shift's codes are read at 1/6 of their scale: the gate's 1/6, no Mul node
+    for q in graph:
+        if q.op_type == "QuantizeLinear" and "clipped" in q.inputs[0].name:
+            ratios += [float(q.inputs[1].const_value.numpy()) / float(u.node.inputs[1].const_value.numpy()) for u in q.outputs[0].uses()]
+    assert ratios == pytest.approx([6.0, 6.0], rel=1e-6)
+    assert not any(n.op_type == "Mul" and n.inputs[1].const_value is not None for n in graph)
+    for n in graph:  # every clipped value's quantized range lies inside its clip
+        if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Clip":
+            scale, zero = float(n.inputs[1].const_value.numpy()), int(n.inputs[2].const_value.numpy())
+            assert zero == 0 and scale * 255 <= float(n.inputs[0].producer().inputs[2].const_value.numpy()) * (1 + 1e-6)
 
 
 def test_degenerate_ranges_give_valid_scales():
