@@ -109,6 +109,7 @@ def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
 class AnnotateQuantPass(Pass):
     name = "annotate-quant"
     preserves_float = True
+    keeps_shapes = True
 
     activation_dtype: str = "uint8"
     weight_dtype: str = "int8"

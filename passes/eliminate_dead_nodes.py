@@ -22,6 +22,7 @@ __all__ = ["EliminateDeadNodesPass"]
 class EliminateDeadNodesPass(Pass):
     name = "eliminate-dead-nodes"
     preserves_float = True
+    keeps_shapes = True
 
     def call(self, model: ir.Model) -> PassReport:
         nodes = model.graph.num_nodes()

@@ -129,6 +129,7 @@ def _weight_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarr
 class InsertQDQPass(Pass):
     name = "insert-qdq"
     preserves_float = False
+    keeps_shapes = True
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph

@@ -73,10 +73,14 @@ class Pass(ir.passes.InPlacePass):
     ``preserves_float``: True for equivalence passes (the runner checks outputs before and
     after on a probe batch), False for passes that change numerics on purpose (the runner
     reports the SQNR they cost instead).
+    ``keeps_shapes``: True for passes that only change metadata, remove nodes, or give every
+    value they create its dtype and shape: the runner then skips ONNX shape inference after
+    them (it still runs it when some node output has no dtype).
     """
 
     name: ClassVar[str] = ""
     preserves_float: ClassVar[bool] = True
+    keeps_shapes: ClassVar[bool] = False
 
     def analysis(self, analysis: Analysis, model: ir.Model) -> Any:
         """The result of ``analysis`` on ``model``, from the running pipeline's cache if any."""

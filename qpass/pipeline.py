@@ -117,6 +117,11 @@ def infer_shapes(model: ir.Model) -> None:
     onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
 
 
+def _untyped(model: ir.Model) -> bool:
+    """Whether some node output has no dtype (shape inference would fill it in)."""
+    return any(o.dtype is None for node in model.graph for o in node.outputs)
+
+
 def _node_ids(model: ir.Model) -> set[int]:
     return {id(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)}
 
@@ -206,7 +211,8 @@ class Pipeline(ir.passes.InPlacePass):
         preserves = bool(getattr(p, "preserves_float", True))
         if result.modified:
             self.analyses.invalidate()
-            infer_shapes(model)
+            if not getattr(p, "keeps_shapes", False) or _untyped(model):
+                infer_shapes(model)
         t1 = time.perf_counter()
         verification, max_error, sqnr = "not modified", None, None
         if not self.verify:

@@ -222,3 +222,40 @@ def test_sessions_and_checks_leave_out_unused_initializers():
     feeds = qpass.verify.probe_feeds(model)
     np.testing.assert_array_equal(make_session(model).run(None, feeds)[0], qpass.verify.run_model(model, feeds)["logits"])
     qpass.pipeline.check_graph(model)
+
+
+@dataclasses.dataclass
+class KeepShapesTagPass(TagPass):
+    keeps_shapes = True
+
+
+@dataclasses.dataclass
+class UntypedOutputPass(qpass.Pass):
+    """Claims to keep shapes, but inserts an Identity whose output has no dtype."""
+
+    name = "untyped-output"
+    keeps_shapes = True
+
+    def call(self, model):
+        out = model.graph.outputs[0]
+        node = ir.node("Identity", [out.producer().inputs[0]])
+        model.graph.insert_before(out.producer(), node)
+        out.producer().replace_input_with(0, node.outputs[0])
+        return qpass.PassReport(model, True, rewritten=1)
+
+
+def test_shape_inference_runs_after_passes_that_do_not_keep_shapes(monkeypatch):
+    import qpass.pipeline as pipeline_module
+
+    model = qpass.load_model(demo_cnn())
+    calls = []
+    real = pipeline_module.infer_shapes
+    monkeypatch.setattr(pipeline_module, "infer_shapes", lambda m: (calls.append(1), real(m)))
+    Pipeline([KeepShapesTagPass()]).run(model)
+    assert calls == []  # annotations only: every value keeps its dtype and shape
+    Pipeline([UntypedOutputPass()]).run(model)
+    assert calls == [1]  # a value without a dtype: inferred although the pass claims to keep shapes
+    identity = next(n for n in model.graph if n.op_type == "Identity")
+    assert identity.outputs[0].dtype == ir.DataType.FLOAT
+    Pipeline([qpass.registry.make_pass("fold-batchnorm")]).run(model)
+    assert calls == [1, 1]
