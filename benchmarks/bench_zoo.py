@@ -1,11 +1,14 @@
 """Static int8 on architectures built in code: qpass's default vs onnxruntime's quantize_static.
 
-    python benchmarks/bench_zoo.py [names...]    # vit mbv3 yolo crnn (default: all)
+    python benchmarks/bench_zoo.py [names...]    # vit mbv3 yolo crnn effnet convnext resnet (default: all)
 
-Four models with random weights (BatchNorm statistics from a few training-mode batches), exported
+Seven models with random weights (BatchNorm statistics from a few training-mode batches), exported
 with torch.onnx at fixed input shapes: a ViT-Tiny-like encoder (patch 16, 4 pre-LN layers, width
 192), a MobileNetV3-like CNN (Hardswish, depthwise convs, squeeze-excite), a YOLO-like detector
-(SiLU, upsample, concat, sigmoid head) and a CRNN (convs, LeakyReLU, bidirectional LSTM, log-softmax).
+(SiLU, upsample, concat, sigmoid head), a CRNN (convs, LeakyReLU, bidirectional LSTM, log-softmax), an
+EfficientNet-like CNN (MBConv: SiLU, depthwise convs, squeeze-excite by a spatial mean), a ConvNeXt-like
+CNN (7x7 depthwise, channels-last LayerNorm, GELU MLP, per-channel layer scale, residuals) and a
+ResNet-like CNN (basic blocks, Add + ReLU).
 Same 32 random calibration inputs for both tools; 16 other inputs score the output SQNR against the
 float model. onnxruntime: ``quant_pre_process`` then QDQ ``quantize_static`` (QUInt8 activations,
 QInt8 weights) over MinMax / Percentile / Entropy x per-channel off / on, best SQNR kept. Also the
@@ -122,8 +125,79 @@ class CRNNLike(nn.Module):
         return self.fc(self.rnn(f.permute(0, 3, 1, 2).reshape(b, w, c * h))[0]).log_softmax(-1)
 
 
+class SqueezeExciteSiLU(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.r, self.e = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+    def forward(self, x):
+        return x * torch.sigmoid(self.e(nn.functional.silu(self.r(x.mean((2, 3), keepdim=True)))))
+
+class MBConv(nn.Module):
+    def __init__(self, c, o, s):
+        super().__init__()
+        e = 4 * c
+        self.body = nn.Sequential(nn.Conv2d(c, e, 1), nn.BatchNorm2d(e), nn.SiLU(), nn.Conv2d(e, e, 3, s, 1, groups=e),
+                                  nn.BatchNorm2d(e), nn.SiLU(), SqueezeExciteSiLU(e), nn.Conv2d(e, o, 1), nn.BatchNorm2d(o))
+        self.res = s == 1 and c == o
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.res else y
+
+class EffNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(16, 24, 2), MBConv(24, 24, 1), MBConv(24, 40, 2), MBConv(40, 40, 1), MBConv(40, 80, 2))
+        self.head = nn.Linear(80, 100)
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.ln = nn.Conv2d(c, c, 7, 1, 3, groups=c), nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) * 0.5 + 0.1)
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.fc2(nn.functional.gelu(self.fc1(self.ln(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+class ConvNeXtLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 4, 4)
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(64) for _ in range(3)])
+        self.down = nn.Conv2d(64, 128, 2, 2)
+        self.blocks2 = nn.Sequential(*[ConvNeXtBlock(128) for _ in range(3)])
+        self.head = nn.Linear(128, 100)
+    def forward(self, x):
+        return self.head(self.blocks2(self.down(self.blocks(self.stem(x)))).mean((2, 3)))
+
+class ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        def block(c):
+            return nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c))
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.b = nn.ModuleList([block(32) for _ in range(2)])
+        self.down = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.b2 = nn.ModuleList([block(64) for _ in range(2)])
+        self.fc = nn.Linear(64, 100)
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.b:
+            x = torch.relu(x + blk(x))
+        x = self.down(x)
+        for blk in self.b2:
+            x = torch.relu(x + blk(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 MODELS = {"vit": (ViTLike, (1, 3, 224, 224)), "mbv3": (MobileNetLike, (1, 3, 224, 224)),
-          "yolo": (YoloLike, (1, 3, 256, 256)), "crnn": (CRNNLike, (1, 1, 64, 256))}
+          "yolo": (YoloLike, (1, 3, 256, 256)), "crnn": (CRNNLike, (1, 1, 64, 256)),
+          "effnet": (EffNetLike, (1, 3, 224, 224)), "convnext": (ConvNeXtLike, (1, 3, 224, 224)),
+          "resnet": (ResNetLike, (1, 3, 224, 224))}
 
 
 class _Reader:

@@ -37,8 +37,21 @@ import triton.language as tl
 from ._autotune import autotune
 
 
-def _cfg(bn, bk, stages, warps, split_k):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k}, num_stages=stages, num_warps=warps)
+try:  # TMA tensor descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
+
+
+def _cfg(bn, bk, stages, warps, split_k, w_tma=False, x_tma=False):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "W_TMA": w_tma, "X_TMA": x_tma},
+                         num_stages=stages, num_warps=warps, pre_hook=_tma_block_hook if w_tma else None)
+
+
+def _tma_block_hook(nargs):
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // 2]
+    if nargs["X_TMA"]:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
 
 def _gemv_cfg(bn, bk, stages, warps):
@@ -51,9 +64,16 @@ GEMV_CONFIGS = [_gemv_cfg(*c) for c in [(4, 2048, 1, 2), (4, 2048, 1, 1), (8, 10
                                         (2, 1024, 1, 4), (2, 256, 1, 2)]]
 # (BLOCK_N, BLOCK_K, stages, warps, SPLIT_K): the fastest of a sweep at M = 4 and 16 on 4096 x 4096
 # and 4096 x 11008 (H100), and split-free tiles for larger M.
+# With TMA (Hopper): the weight tile (and x's) arrives by tensor descriptor, the fastest of a
+# sweep of about 170 tile/stage/split/x-load variants at M = 4 and 16 on the same shapes.
 DOT_CONFIGS = [_cfg(*c) for c in [(32, 128, 4, 2, 4), (32, 128, 2, 2, 8), (64, 128, 4, 4, 8), (128, 256, 4, 4, 4),
                                   (128, 128, 4, 4, 4), (32, 128, 4, 2, 2), (64, 128, 4, 4, 2), (128, 128, 4, 8, 8),
-                                  (16, 128, 4, 1, 4), (32, 256, 2, 2, 4), (64, 128, 4, 4, 1), (32, 128, 4, 2, 1)]]
+                                  (16, 128, 4, 1, 4), (32, 256, 2, 2, 4), (64, 128, 4, 4, 1), (32, 128, 4, 2, 1),
+                                  (128, 256, 3, 4, 4, True), (64, 256, 3, 2, 4, True, True), (64, 128, 3, 2, 4, True, True),
+                                  (128, 128, 3, 4, 4, True, True), (64, 256, 3, 4, 2, True), (64, 512, 3, 4, 2, True),
+                                  (128, 256, 3, 4, 8, True), (64, 256, 3, 4, 1, True, True)]]
+_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "W_TMA", "X_TMA")
+_DECODE_TMA = {(128, 256, 4, True, False, 3, 4), (64, 256, 4, True, True, 3, 2), (64, 128, 4, True, True, 3, 2)}
 MOST_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DOT_CONFIGS)
 SPLIT_K_ROWS = 16  # split K (and hold a workspace) only up to this many rows
 
@@ -67,8 +87,15 @@ def _prune_gemv(configs, named_args, **kwargs):
 def _prune_dot(configs, named_args, **kwargs):
     k, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP", 128))  # a keyword: in kwargs
     most = MOST_SPLIT_K if named_args["M"] <= SPLIT_K_ROWS else 1  # more rows have tiles enough
+    tma = named_args["w_desc"] is not None
     out = [c for c in configs if c.kwargs["SPLIT_K"] <= most and c.kwargs["BLOCK_K"] % group == 0
-           and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0]
+           and k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) == 0 and (tma or not c.kwargs["W_TMA"])
+           and (named_args["x_desc"] is not None or not c.kwargs["X_TMA"])]
+    if tma and named_args["M"] <= SPLIT_K_ROWS:
+        # decode rows: the TMA configs that led the sweep (CUDA-graph replays streaming the weights
+        # from HBM). The autotuner times single launches after an L2 flush, where pointer configs
+        # can look faster and then lose by up to 30% back to back (4096 x 11008: 20.4 vs 15.3 us).
+        out = [c for c in out if tuple(c.kwargs[f] for f in _KEYS) + (c.num_stages, c.num_warps) in _DECODE_TMA] or out
     return out or [_cfg(16, group, 3, 4, 1)]  # K is a multiple of the group
 
 
@@ -174,9 +201,10 @@ mul.rn.f16x2 $3, t, $6;
 
 @autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_dot})
 @triton.jit
-def _w4a16_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
-                      stride_sn, stride_ym, M_BUCKET, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _w4a16_dot_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm,
+                      stride_wn, stride_sn, stride_ym, M_BUCKET, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      W_TMA: tl.constexpr, X_TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -197,9 +225,15 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(pid_k * n_tiles, (pid_k + 1) * n_tiles):
         k0 = i * BLOCK_K
-        p = tl.load(w_ptrs + k0 // 2)
+        if W_TMA:
+            p = tl.reshape(w_desc.load([pid_n * BLOCK_N, k0 // 2]), (BLOCK_N, G, HALF))
+        else:
+            p = tl.load(w_ptrs + k0 // 2)
         s = tl.broadcast_to(tl.load(s_ptrs + k0 // GROUP).to(tl.float16)[:, :, None], (BLOCK_N, G, HALF))
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        if X_TMA:  # rows past M read as zeros
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+        else:
+            x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, KH, 2)))
         lo, hi = tl.inline_asm_elementwise(_DEQUANT, "=r,=r,=r,=r,r,r,r", [p, s], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)
@@ -248,9 +282,19 @@ def launch(x, w_packed, scales, bias, y, group: int, kernel: str) -> None:
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), tiles_m, meta["SPLIT_K"])
 
-    _w4a16_dot_kernel[grid](x, w_packed, scales, b, y, ws, count, M, N, K, x.stride(0), w_packed.stride(0),
+    w_desc = x_desc = None
+    if _tma_ok(w_packed):  # block shapes are set per config by the pre-hook
+        w_desc = TensorDescriptor.from_tensor(w_packed, [1, 16])
+        x_desc = TensorDescriptor.from_tensor(x, [1, 8]) if _tma_ok(x) else None
+    _w4a16_dot_kernel[grid](x, w_packed, x_desc, w_desc, scales, b, y, ws, count, M, N, K, x.stride(0), w_packed.stride(0),
                             scales.stride(0), y.stride(0), max(16, triton.next_power_of_2(M)),
                             HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m)
+
+
+def _tma_ok(t) -> bool:
+    """A tensor a TMA descriptor can read: Hopper or newer, unit inner stride, 16-byte aligned rows and base."""
+    return (TensorDescriptor is not None and torch.cuda.get_device_capability(t.device)[0] >= 9 and t.stride(1) == 1
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 _WORKSPACES: dict = {}  # (device, stream) -> [partial sums, counters]
