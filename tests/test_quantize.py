@@ -345,6 +345,9 @@ def test_hardswish_squeeze_excite_and_relu6_run_on_integers():
             ratios += [float(q.inputs[1].const_value.numpy()) / float(u.node.inputs[1].const_value.numpy()) for u in q.outputs[0].uses()]
     assert ratios == pytest.approx([6.0, 6.0], rel=1e-6)
     assert not any(n.op_type == "Mul" and n.inputs[1].const_value is not None for n in graph)
+    qop = qpass.quantize(proto, _calib(proto, 32), format="qoperator", contrib_ops=True)  # reads each DQ's own scale
+    feeds = _calib(proto, 1, seed=7)[0]
+    np.testing.assert_array_equal(run_model(qop.model, feeds)["y"], run_model(result.model, feeds)["y"])
     for n in graph:  # every clipped value's quantized range lies inside its clip
         if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Clip":
             scale, zero = float(n.inputs[1].const_value.numpy()), int(n.inputs[2].const_value.numpy())
