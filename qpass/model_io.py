@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qpass.backends import onnxruntime as ort_backend
 from qpass.errors import ModelError, OutputError
 
 __all__ = [
@@ -344,7 +346,11 @@ def _upgrade_opset(model: ir.Model) -> ir.Model:
         value.const_value = old_value.const_value
         new_graph.register_initializer(value)
     feeds = probe_feeds(model)
-    problem = compare_outputs(run_model(model, feeds), run_model(new_model, feeds))
+    half = ort_backend.half_the_cores()
+    with ThreadPoolExecutor(1) as pool:  # both models at once, each on half the cores
+        before = pool.submit(run_model, model, feeds, threads=half)
+        after = run_model(new_model, feeds, threads=half)
+        problem = compare_outputs(before.result(), after)
     if problem:
         raise ModelError(
             f"upgrading the model from opset {old} to {WORK_OPSET} changed its outputs ({problem}): "

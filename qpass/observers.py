@@ -238,16 +238,17 @@ class HistogramObserver(Observer):
         return self._counts.copy(), width
 
     def _observe(self, x, bmin, bmax):
+        grew = self._counts is None or bool((bmin < self._min).any() or (bmax > self._max).any())
         super()._observe(x, bmin, bmax)
-        self._widen()
-        size = 2 * self.max_bins
-        if x.dtype == np.float32 and not ((-120 < self._exp) & (self._exp < 120)).all():
+        if grew:  # a batch inside the range seen so far fits the current bins
+            self._widen()
+        if x.dtype == np.float32 and not self._float32_ok:
             x = x.astype(np.float64)  # 2^-exp would leave float32's range
-        y = x * np.ldexp(1.0, -self._exp)[:, None].astype(x.dtype)  # exact: a power-of-two scaling
+        scale, offset = self._binning[x.dtype.type]
+        y = x * scale  # exact: a power-of-two scaling
         np.floor(y, out=y)
-        offset = self.max_bins + size * np.arange(len(x))[:, None]  # k -> slot in the flattened counts
-        if self._counts.size <= 2 ** np.finfo(y.dtype).nmant:  # integers this small add exactly in y's dtype
-            y += offset.astype(y.dtype)
+        if offset.dtype == y.dtype:  # integers this small add exactly in y's dtype
+            y += offset
             k = y.astype(np.intp)
         else:
             k = y.astype(np.intp)
@@ -256,6 +257,18 @@ class HistogramObserver(Observer):
             np.add.at(self._counts.reshape(-1), k.reshape(-1), 1)
         else:
             self._counts += np.bincount(k.ravel(), minlength=self._counts.size).reshape(self._counts.shape)
+
+    def _set_exponent(self, exp: np.ndarray) -> None:
+        """Set the bin-width exponents and what binning a batch needs at them: per input dtype,
+        the scale 2^-exp and the offset of bin k's slot in the flattened counts."""
+        self._exp = exp
+        self._float32_ok = bool(((-120 < exp) & (exp < 120)).all())
+        slots = self.max_bins + 2 * self.max_bins * np.arange(len(exp))[:, None]
+        self._binning = {}
+        for dtype in (np.float32, np.float64) if self._float32_ok else (np.float64,):
+            exact = len(exp) * 2 * self.max_bins <= 2 ** np.finfo(dtype).nmant
+            offset = slots.astype(dtype) if exact else slots.astype(np.intp)
+            self._binning[dtype] = (np.ldexp(1.0, -exp)[:, None].astype(dtype), offset)
 
     def _merge_state(self, other):
         super()._merge_state(other)
@@ -269,12 +282,11 @@ class HistogramObserver(Observer):
             return  # the smallest fitting exponent is at most the current one: nothing changes
         exp = _fit_exponent(lo, hi, self.max_bins)
         if self._counts is None:
-            self._exp = exp
             self._counts = np.zeros((len(exp), 2 * self.max_bins), dtype=np.int64)
         else:
             exp = np.maximum(exp, self._exp)
             self._counts = _rebin(self._counts, exp - self._exp, self.max_bins)
-            self._exp = exp
+        self._set_exponent(exp)
 
     def _abs_counts(self) -> np.ndarray:
         """Histogram of |x|: column j counts |x| in [j*w, (j+1)*w] (negative bins folded)."""

@@ -65,14 +65,15 @@ def _index_bound(value: ir.Value) -> int | None:
 
 
 def run_model(
-    model: ir.Model, feeds: Mapping[str, np.ndarray], *, optimize: bool = False, graph: tuple | None = None
+    model: ir.Model, feeds: Mapping[str, np.ndarray], *, optimize: bool = False, graph: tuple | None = None,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``feeds`` (onnxruntime CPU); ``graph``: ``model`` already
     serialized by :func:`qpass.backends.onnxruntime.session_bytes` (no extra outputs)."""
     if graph is not None:
-        session = ort_backend.session_from_bytes(*graph, optimize=optimize)
+        session = ort_backend.session_from_bytes(*graph, optimize=optimize, threads=threads)
     else:
-        session = ort_backend.make_session(model, optimize=optimize)
+        session = ort_backend.make_session(model, optimize=optimize, threads=threads)
     names = {i.name for i in session.get_inputs()}
     return ort_backend.run(session, {k: v for k, v in feeds.items() if k in names})
 

@@ -301,6 +301,23 @@ def test_integer_capable_ops_get_quantized_where_integers_flow():
     assert "QLinearSigmoid" not in plain["integer"] and plain["float_behind_dq"].get("Sigmoid") == 2
 
 
+def test_sigmoid_outputs_are_observed_with_min_max_unless_an_override_names_the_observer():
+    """A Sigmoid's output lies in (0, 1): min-max, no histogram; the Conv outputs keep the percentile."""
+    from qpass.analyses.calibration import annotated_activations
+    from qpass.model_io import load_model
+    from qpass.passes.annotate_quant import AnnotateQuantPass
+
+    model = load_model(_silu_cnn())
+    AnnotateQuantPass()(model)
+    specs = annotated_activations(model)
+    assert specs["s0"].observer == specs["s1"].observer == "minmax"
+    assert specs["c0"].observer == specs["a0"].observer == "percentile"
+    model = load_model(_silu_cnn())
+    AnnotateQuantPass(observer="mse", overrides={"sig1": {"observer": "entropy"}})(model)
+    specs = annotated_activations(model)
+    assert (specs["s0"].observer, specs["s1"].observer, specs["c1"].observer) == ("minmax", "entropy", "mse")
+
+
 def _hardswish_se_cnn() -> onnx.ModelProto:
     """MobileNetV3-style: Conv -> HardSwish -> depthwise Conv -> ReLU6 -> squeeze-excite (ReduceMean,
     Conv, Relu, Conv, HardSigmoid, Mul) -> Conv."""
