@@ -162,10 +162,8 @@ class AnnotateQuantPass(Pass):
         return dataclasses.replace(self, **self.overrides[key]) if key else self
 
     def _output_spec(self, node: ir.Node) -> QuantSpec:
-        """The activation spec of an integer op's output; a saturating op's bounded output
-        (Sigmoid: (0, 1)) has no outlier tail to clip, so it is observed with min-max unless an
-        override names its observer: histograms of what is often the largest activation
-        family (SiLU's gate) for a scale within 0.2% of the percentile's (ddddocr OCR)."""
+        """The activation spec of an integer op's output. A bounded output (Sigmoid: (0, 1)) has
+        no tail to clip: min-max, unless an override names its observer."""
         spec = self._act_spec(self._options_for(node))
         key = _matches(node, tuple(self.overrides))
         if node.op_type in _BOUNDED_OUTPUT and not (key and "observer" in self.overrides[key]):

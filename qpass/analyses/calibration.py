@@ -4,8 +4,8 @@ The current graph runs in onnxruntime with every value that carries a
 :class:`~qpass.schemes.QuantSpec` (and no constant) exposed as an output, batch by batch;
 each value's observer sees every batch. Values that take their input's parameters
 (data-movement ops, products by a positive constant: :func:`parameter_source`) get no
-observer. Memory stays bounded: nothing but the observers' statistics is kept. The analysis is cached by the pipeline and
-recomputed only after a pass changes the graph.
+observer. Memory stays bounded: nothing but the observers' statistics is kept. The
+analysis is cached by the pipeline and recomputed only after a pass changes the graph.
 
 Context keys read from the analysis manager: ``calibration`` (an iterable of feed dicts,
 e.g. :class:`qpass.calib_data.CalibrationSet`), ``progress`` (optional: wraps the
