@@ -40,6 +40,7 @@ def make_session(
     optimize: bool = False,
     threads: int | None = None,
     extra_outputs: Sequence[str] = (),
+    outputs_only: bool = False,
     optimized_model_path: str | None = None,
     config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
@@ -48,9 +49,10 @@ def make_session(
     optimize: False runs the graph exactly as written (verification); True enables all
     graph optimizations (the fused integer kernels of a deployed QDQ model).
     extra_outputs: names of intermediate values to expose as outputs (calibration).
+    outputs_only: run just what ``extra_outputs`` need (see :func:`session_bytes`).
     config: further session config entries (``SessionOptions.add_session_config_entry``).
     """
-    graph = session_bytes(model, extra_outputs, drop_unused=True)
+    graph = session_bytes(model, extra_outputs, drop_unused=True, outputs_only=outputs_only)
     return session_from_bytes(
         *graph, optimize=optimize, threads=threads, optimized_model_path=optimized_model_path, config=config
     )
@@ -87,7 +89,7 @@ def session_from_bytes(
 
 
 def session_bytes(
-    model: ir.Model, extra_outputs: Sequence[str] = (), *, drop_unused: bool = False
+    model: ir.Model, extra_outputs: Sequence[str] = (), *, drop_unused: bool = False, outputs_only: bool = False
 ) -> tuple[bytes, list[str], list[np.ndarray]]:
     """Serialize ``model`` with its large initializers replaced by placeholders.
 
@@ -95,11 +97,17 @@ def session_bytes(
     drop_unused: leave out the large initializers nothing reads (e.g. float weights a
     quantizing pass replaced, until dead-code elimination; onnxruntime would drop them), so
     that removing them does not change the bytes. Otherwise they are serialized inline.
+    outputs_only: the graph's outputs are ``extra_outputs`` alone, and the nodes (and
+    initializers) none of them needs are left out: onnxruntime runs every node it is given.
     """
     names: list[str] = []
     arrays: list[np.ndarray] = []
     with _placeholders(model, names, arrays, drop_unused) as dropped, _extra_outputs(model, extra_outputs):
         proto = ir.to_proto(model)
+    if outputs_only:
+        dropped = dropped | _prune_to(proto.graph, list(extra_outputs))
+        kept_arrays = [(n, a) for n, a in zip(names, arrays) if n not in dropped]
+        names[:], arrays[:] = [n for n, _ in kept_arrays], [a for _, a in kept_arrays]
     if dropped:
         for field in (proto.graph.initializer, proto.graph.value_info):
             kept = [t for t in field if t.name not in dropped]
@@ -107,6 +115,41 @@ def session_bytes(
             field.extend(kept)
     proto.ir_version = _session_ir_version(proto)
     return proto.SerializeToString(), names, arrays
+
+
+def _prune_to(graph, outputs: list[str]) -> set[str]:
+    """Make ``outputs`` the outputs of the ``GraphProto`` and remove the nodes they do not need;
+    returns the names of the initializers no node reads any more."""
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    live: set[int] = set()
+    read: set[str] = set()
+    pending = list(outputs)
+    while pending:
+        name = pending.pop()
+        i = producer.get(name)
+        if i is None or i in live:
+            continue
+        live.add(i)
+        reads = set(_reads(nodes[i])) - read
+        read |= reads
+        pending.extend(reads)
+    wanted = {name: i for i, name in enumerate(outputs)}
+    kept_outputs = sorted((o for o in graph.output if o.name in wanted), key=lambda o: wanted[o.name])
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(node for i, node in enumerate(nodes) if i in live)
+    return {t.name for t in graph.initializer if t.name not in read and t.name not in wanted}
+
+
+def _reads(node) -> Iterator[str]:
+    """Names a ``NodeProto`` reads, those its subgraphs read from outer scopes included."""
+    yield from (name for name in node.input if name)
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in sub.node:
+                yield from _reads(inner)
 
 
 def is_placeholder(tensor) -> bool:

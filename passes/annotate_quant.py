@@ -3,7 +3,9 @@
 Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation inputs, constant
            weights and (for ops onnxruntime fuses with an output Q: Conv, ConvTranspose,
            Gemm; MatMul when ``quantize_matmul_output``) their output — taken after a single
-           Relu/Clip, which onnxruntime absorbs. Pooling ops (MaxPool, AveragePool,
+           Relu/Clip, which onnxruntime absorbs. A Gemm's output stays float when nothing
+           reads it on integers (a classifier's logits): onnxruntime's QGemm writes float
+           itself, and calibration then need not run the Gemm. Pooling ops (MaxPool, AveragePool,
            GlobalAveragePool) between quantized tensors get their input and output marked.
            With ``integer_ops`` (default on), ops onnxruntime runs on integers between Q/DQ
            (Sigmoid, LeakyRelu, Add, Mul, Concat, average pools; data-movement ops share
@@ -59,6 +61,7 @@ __all__ = ["AnnotateQuantPass", "weight_channel_axis", "weight_reduction_axis"]
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 _OUTPUT_FUSING = ("Conv", "ConvTranspose", "Gemm")
+_FLOAT_OUTPUT_FUSING = ("Gemm",)  # onnxruntime also fuses it without an output Q (QGemm, float output)
 _WEIGHT_OBSERVERS = ("minmax", "mse")  # mse: per-group clipping search, qpass.weight_search
 # ops with a QLinear* kernel in onnxruntime (QDQ fusion); data-movement ops are SHARED_PARAMETER_OPS
 _INTEGER_OPS = ("Sigmoid", "LeakyRelu", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
@@ -173,6 +176,7 @@ class AnnotateQuantPass(Pass):
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, False)
         marked: Counter = Counter()
+        optional: list = []  # outputs of ops fused with or without an output Q: kept if read on integers
 
         def mark(value: ir.Value | None, spec: QuantSpec) -> None:
             if value is None or value.meta.get(SPEC_KEY) is not None:
@@ -225,26 +229,23 @@ class AnnotateQuantPass(Pass):
                 follower = out.uses()[0].node if len(out.uses()) == 1 else None
                 if follower is not None and follower.op_type in ("Relu", "Clip") and not out.is_graph_output():
                     out = follower.outputs[0]
-                if not out.is_graph_output():
+                if not out.is_graph_output() and SPEC_KEY not in out.meta:
                     mark(out, act)
+                    if node.op_type in _FLOAT_OUTPUT_FUSING and SPEC_KEY in out.meta:
+                        optional.append((node, out, None, False))
             report.rewritten += 1
-        if self.integer_ops and self.activations:
-            self._propagate(model, marked, report)
+        candidates = self._propagate(model) if self.integer_ops and self.activations else []
+        self._unmark_float_only(model, _in_graph_order(model, candidates + optional), marked, report)
+        marked = +marked  # drops the zero counts
         report.details = dict(marked)
         report.modified = bool(marked)
         return report
 
-    def _propagate(self, model: ir.Model, marked: Counter, report: PassReport) -> None:
-        """Mark outputs of integer-capable ops whose activation inputs are all marked, then
-        unmark those that nothing integer reads (reverse order: consumers decide first)."""
+    def _propagate(self, model: ir.Model) -> list[tuple[ir.Node, ir.Value, ir.Value | None, bool]]:
+        """Mark outputs of integer-capable ops whose activation inputs are all marked; returns
+        them as candidates for :meth:`_unmark_float_only`."""
         quantized = lambda v: v is not None and (v.const_value is not None or SPEC_KEY in v.meta)  # noqa: E731
-
-        def integer_reader(node: ir.Node) -> bool:
-            if node.op_type in self.op_types:
-                return _matches(node, self.exclude) is None
-            return any(o is not None and SPEC_KEY in o.meta for o in node.outputs)
-
-        candidates: list[tuple[ir.Node, ir.Value, ir.Value | None]] = []
+        candidates: list[tuple[ir.Node, ir.Value, ir.Value | None, bool]] = []
         for node in model.graph:
             if node.domain not in ("", "ai.onnx") or node.op_type not in _INTEGER_OPS + SHARED_PARAMETER_OPS + ("Div",):
                 continue
@@ -272,13 +273,33 @@ class AnnotateQuantPass(Pass):
             if out.is_graph_output() or SPEC_KEY in out.meta or _log_quantized(out) or not out.dtype or not out.dtype.is_floating_point():
                 continue
             out.meta[SPEC_KEY] = self._output_spec(node)
-            candidates.append((node, out, constant))
-        for node, out, constant in reversed(candidates):
+            candidates.append((node, out, constant, True))
+        return candidates
+
+    def _unmark_float_only(self, model: ir.Model, candidates: list, marked: Counter, report: PassReport) -> None:
+        """Unmark the candidate outputs that nothing integer reads, in reverse graph order so that
+        consumers decide first; count the new marks (``fresh``) that stay."""
+
+        def integer_reader(node: ir.Node) -> bool:
+            if node.op_type in self.op_types:
+                return _matches(node, self.exclude) is None
+            return any(o is not None and SPEC_KEY in o.meta for o in node.outputs)
+
+        for node, out, constant, fresh in reversed(candidates):
             if not any(integer_reader(u.node) for u in out.uses()):
                 del out.meta[SPEC_KEY]
+                marked["activations"] -= not fresh  # marked already, by the first sweep
+                continue
+            if not fresh:
                 continue
             if constant is not None:  # min-max over the constant itself, per tensor
                 constant.meta[SPEC_KEY] = out.meta[SPEC_KEY].replace(observer="minmax")
                 marked["weights"] += 1
             marked["activations"] += 1
             report.rewritten += 1
+
+
+def _in_graph_order(model: ir.Model, entries: list) -> list:
+    """``entries`` (tuples led by a node of ``model.graph``) sorted by their node's position."""
+    position = {id(node): i for i, node in enumerate(model.graph)}
+    return sorted(entries, key=lambda entry: position[id(entry[0])])

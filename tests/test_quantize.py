@@ -220,6 +220,74 @@ def test_calibration_batches_come_back_in_order_with_the_values_of_each_feed(mon
     batches.close()
 
 
+def test_calibration_sessions_run_only_what_the_observed_values_need():
+    """outputs_only: the graph's outputs are the values asked for; nodes and weights that none of them
+    needs (a head) are left out, values read inside a subgraph are kept, and the values are the same."""
+    from qpass.backends.onnxruntime import run, session_bytes, session_from_bytes, make_session
+    from qpass.model_io import load_model
+
+    rng = np.random.default_rng(0)
+    branch = lambda op: helper.make_graph(  # noqa: E731  reads 'a' from the outer scope
+        [helper.make_node(op, ["a", "one"], [f"{op}_out"])], op, [],
+        [helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, [1, 64])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("Add"), else_branch=branch("Sub")),
+         helper.make_node("MatMul", ["x", "W"], ["z"], name="head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.float32(1.0), "one")],
+    )
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    graph_bytes, names, arrays = session_bytes(model, ["y", "a"], drop_unused=True, outputs_only=True)
+    pruned = onnx.load_from_string(graph_bytes).graph
+    assert [n.name for n in pruned.node] == ["relu", "branch"]
+    assert [o.name for o in pruned.output] == ["y", "a"]
+    assert "W" not in names + [t.name for t in pruned.initializer]
+    feeds = {"x": rng.standard_normal((1, 64)).astype(np.float32), "cond": np.array(False)}
+    got = run(session_from_bytes(graph_bytes, names, arrays), feeds)
+    full = run(make_session(model, extra_outputs=["a"]), feeds)
+    for name in ("y", "a"):
+        np.testing.assert_array_equal(got[name], full[name])
+    assert [n.name for n in model.graph] == ["relu", "branch", "head"]  # the model itself is untouched
+
+
+def test_gemm_logits_stay_float_and_its_inner_outputs_are_quantized():
+    """A Gemm whose output is read on integers (Relu -> Gemm) gets its output quantized; the last one,
+    whose logits only reach the graph output through a Reshape, stays float: onnxruntime still fuses
+    both into QGemm (the second with float output)."""
+    from qpass.analyses.calibration import annotated_activations
+    from qpass.model_io import load_model
+    from qpass.passes.annotate_quant import AnnotateQuantPass
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "W2", "b2"], ["logits"], name="fc2", transB=1),
+         helper.make_node("Reshape", ["logits", "shape"], ["y"], name="reshape")],
+        "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2, 5])],
+        [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
+         numpy_helper.from_array(rng.standard_normal((10, 32)).astype(np.float32), "W2"),
+         numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2"),
+         numpy_helper.from_array(np.array([4, 2, 5], np.int64), "shape")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = load_model(proto)
+    report = AnnotateQuantPass()(model)
+    assert sorted(annotated_activations(model)) == ["r", "x"]
+    assert report.details == {"activations": 2, "weights": 2}
+    result = qpass.quantize(proto, _calib(proto))
+    assert result.model.graph.node("fc2").outputs[0].uses()[0].node.op_type == "Reshape"  # no Q on the logits
+    assert result.report.fused["integer"] == {"QGemm": 2} and not result.report.fused["float_behind_dq"]
+    assert result.report.output_sqnr_db["y"] > 30
+
+
 def test_one_quantize_pair_per_tensor_and_outputs_stay_float():
     proto = demo_transformer()
     model = qpass.quantize(proto, _calib(proto), report=False).model

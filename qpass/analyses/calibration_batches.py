@@ -19,7 +19,8 @@ def calibration_batches(
     model: ir.Model, names: Iterable[str], data: Iterable[Mapping[str, np.ndarray]]
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed dict of ``data``: ``{name: array}`` for ``names`` (in order), graph inputs
-    taken from the feeds, other values exposed as extra outputs of one onnxruntime session."""
+    taken from the feeds, other values the outputs of an onnxruntime session that runs just
+    the nodes they need."""
     names = list(names)
     graph_inputs = {v.name for v in model.graph.inputs}
     outputs = [n for n in names if n not in graph_inputs]
@@ -33,8 +34,13 @@ def calibration_batches(
     # onnxruntime threads sleep instead of spinning, so they leave the cores to the observers.
     workers, threads = 2, ort_backend.half_the_cores()
 
-    def new_session():
-        return ort_backend.make_session(model, extra_outputs=outputs, threads=threads,
+    if not outputs:  # every value wanted is a graph input: nothing to run
+        for feeds in data:
+            yield {name: feeds[name] for name in names}
+        return
+
+    def new_session():  # the nodes no wanted value needs (heads, post-processing) are left out
+        return ort_backend.make_session(model, extra_outputs=outputs, outputs_only=True, threads=threads,
                                         config={"session.intra_op.allow_spinning": "0"})
 
     session = new_session()
