@@ -300,18 +300,11 @@ class InsertQDQPass(Pass):
     def _reinterpret(self, graph, value: ir.Value, codes: ir.Value, scale, zero, spec: QuantSpec) -> None:
         """Every reader of ``value`` reads DequantizeLinear(codes) at ``value``'s own scale and zero-point."""
         s_init, z_init = self._qparam_initializers(graph, value, scale, zero, spec)
-        dq = ir.node("DequantizeLinear", [codes, s_init, z_init], name=f"{value.name}_DequantizeLinear")
-        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized", self._taken), value.dtype, value.shape
-        users = [(u.node, u.idx) for u in value.uses()]
-        graph.insert_after(value.producer(), dq)
-        for user, idx in users:
-            user.replace_input_with(idx, dq.outputs[0])
+        self._read_dequantized(graph, value, codes, s_init, z_init, [])
 
     def _insert_pair(self, graph, value: ir.Value, scale, zero, spec: QuantSpec) -> ir.Value:
         """QuantizeLinear -> DequantizeLinear after ``value``, read by all its readers; returns the codes."""
-        ir_dtype = _IR_DTYPES[spec.dtype]
         s_init, z_init = self._qparam_initializers(graph, value, scale, zero, spec)
-        users = [(u.node, u.idx) for u in value.uses()]
         source, extra = value, []
         if spec.restricted:  # fewer levels than the storage type: clip to the representable range first
             lo = float(np.float32(scale) * (spec.qmin - int(zero)))
@@ -322,14 +315,20 @@ class InsertQDQPass(Pass):
             clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped", self._taken), value.dtype, value.shape
             source, extra = clip.outputs[0], [clip]
         q = ir.node("QuantizeLinear", [source, s_init, z_init], name=f"{value.name}_QuantizeLinear")
-        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized", self._taken), ir_dtype, value.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s_init, z_init], name=f"{value.name}_DequantizeLinear")
+        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized", self._taken), _IR_DTYPES[spec.dtype], value.shape
+        self._read_dequantized(graph, value, q.outputs[0], s_init, z_init, [*extra, q])
+        return q.outputs[0]
+
+    def _read_dequantized(self, graph, value: ir.Value, codes: ir.Value, s_init, z_init, new_nodes: list[ir.Node]) -> None:
+        """Insert ``new_nodes`` and DequantizeLinear(codes) after ``value``'s producer (first in the graph for
+        an input); every other reader of ``value`` then reads the DequantizeLinear."""
+        users = [(u.node, u.idx) for u in value.uses() if u.node not in new_nodes]
+        dq = ir.node("DequantizeLinear", [codes, s_init, z_init], name=f"{value.name}_DequantizeLinear")
         dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized", self._taken), value.dtype, value.shape
         producer = value.producer()
         if producer is None:
-            graph.insert_before(next(iter(graph)), [*extra, q, dq])
+            graph.insert_before(next(iter(graph)), [*new_nodes, dq])
         else:
-            graph.insert_after(producer, [*extra, q, dq])
+            graph.insert_after(producer, [*new_nodes, dq])
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])
-        return q.outputs[0]
