@@ -3,7 +3,11 @@
 import math
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
+
+from qpass.backends.onnxruntime import make_session
 
 from qpass.passes.fuse_gelu import FuseGeluPass
 
@@ -25,6 +29,7 @@ ORDERS = {
     "x*0.5*(1+f)": ["h = Mul(x, half)", "y = Mul(h, p)"],
     "(0.5*x)*(1+f)": ["h = Mul(half, x)", "y = Mul(h, p)"],
     "x*((1+f)*0.5)": ["q = Mul(p, half)", "y = Mul(x, q)"],
+    "x*(0.5*(1+f))": ["q = Mul(half, p)", "y = Mul(x, q)"],
 }
 
 
@@ -77,10 +82,28 @@ def test_fusion_is_deterministic(kit):
     kit.check_deterministic(FuseGeluPass(), build(kit, tanh_lines("pow")))
 
 
-@pytest.mark.parametrize("lines", [erf_lines(), tanh_lines()], ids=["erf", "tanh"])
-def test_opset_18_model_is_kept_and_counted(kit, lines):
-    report = kit.check_unchanged(FuseGeluPass(), build(kit, lines, opset=18))
-    assert report.skipped == {"opset < 20 (Gelu needs 20)": 1}
+@pytest.mark.parametrize("order", ["x*0.5*(1+f)", "(0.5*x)*(1+f)"])
+def test_below_opset_20_the_runtime_spelling_is_kept(kit, order):
+    report = kit.check_unchanged(FuseGeluPass(), build(kit, erf_lines("div", order), opset=18))
+    assert not report.skipped
+
+
+def test_below_opset_20_the_tanh_form_is_kept_and_counted(kit):
+    report = kit.check_unchanged(FuseGeluPass(), build(kit, tanh_lines(), opset=18))
+    assert report.skipped == {"tanh form below opset 20 (Gelu needs 20)": 1}
+
+
+@pytest.mark.parametrize("scale,order", [("div", "x*((1+f)*0.5)"), ("div", "x*(0.5*(1+f))"), ("mul", "x*0.5*(1+f)"), ("mul", "x*((1+f)*0.5)")])
+def test_below_opset_20_an_erf_form_is_respelled_for_onnxruntime(kit, tmp_path, scale, order):
+    proto = build(kit, erf_lines(scale, order), opset=18)
+    model, report = kit.apply(FuseGeluPass(), proto)
+    assert report.rewritten == 1 and kit.ops(model) == ["Div", "Erf", "Add", "Mul", "Mul"]
+    assert model.graph.outputs[0].name == "y"
+    kit.check_equivalent(proto, model)
+    kit.check_unchanged(FuseGeluPass(), ir.to_proto(model))  # the new spelling is final
+    path = str(tmp_path / "optimized.onnx")
+    make_session(model, optimize=True, optimized_model_path=path)
+    assert [node.op_type for node in onnx.load(path).graph.node] == ["Gelu"]
 
 
 def test_erf_of_x_over_two_is_not_gelu(kit):
