@@ -133,7 +133,7 @@ class InsertQDQPass(Pass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
-        self._taken = used_names(graph)
+        self._taken = used_names(graph) | {node.name for node in graph if node.name}  # value and node names
         report = PassReport(model, False)
         acts = annotated_activations(model)
         calib = self.analysis(Calibration(), model) if acts else None
@@ -286,7 +286,7 @@ class InsertQDQPass(Pass):
             s_init = add_initializer(graph, f"{value.name}_scale", scale.reshape(-1) if axis is not None else scale.reshape(()), taken=self._taken)
             z_init = add_initializer(graph, f"{value.name}_zero_point", zero.reshape(-1) if axis is not None else zero.reshape(()), ir_dtype, taken=self._taken)
             inputs, attrs = [q_init, s_init, z_init], {"axis": axis} if axis is not None else {}
-        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{value.name}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=unique_name(graph, f"{value.name}_DequantizeLinear", self._taken))
         out = dq.outputs[0]
         out.name, out.dtype, out.shape = unique_name(graph, f"{value.name}_dequantized", self._taken), ir.DataType.FLOAT, shape or value.shape
         graph.insert_before(next(iter(graph)), dq) if len(graph) else graph.append(dq)
@@ -311,10 +311,10 @@ class InsertQDQPass(Pass):
             hi = float(np.float32(scale) * (spec.qmax - int(zero)))
             lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, np.float32), taken=self._taken)
             hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, np.float32), taken=self._taken)
-            clip = ir.node("Clip", [value, lo_v, hi_v], name=f"{value.name}_Clip")
+            clip = ir.node("Clip", [value, lo_v, hi_v], name=unique_name(graph, f"{value.name}_Clip", self._taken))
             clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = unique_name(graph, f"{value.name}_clipped", self._taken), value.dtype, value.shape
             source, extra = clip.outputs[0], [clip]
-        q = ir.node("QuantizeLinear", [source, s_init, z_init], name=f"{value.name}_QuantizeLinear")
+        q = ir.node("QuantizeLinear", [source, s_init, z_init], name=unique_name(graph, f"{value.name}_QuantizeLinear", self._taken))
         q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = unique_name(graph, f"{value.name}_quantized", self._taken), _IR_DTYPES[spec.dtype], value.shape
         self._read_dequantized(graph, value, q.outputs[0], s_init, z_init, [*extra, q])
         return q.outputs[0]
@@ -323,7 +323,7 @@ class InsertQDQPass(Pass):
         """Insert ``new_nodes`` and DequantizeLinear(codes) after ``value``'s producer (first in the graph for
         an input); every other reader of ``value`` then reads the DequantizeLinear."""
         users = [(u.node, u.idx) for u in value.uses() if u.node not in new_nodes]
-        dq = ir.node("DequantizeLinear", [codes, s_init, z_init], name=f"{value.name}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", [codes, s_init, z_init], name=unique_name(graph, f"{value.name}_DequantizeLinear", self._taken))
         dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = unique_name(graph, f"{value.name}_dequantized", self._taken), value.dtype, value.shape
         producer = value.producer()
         if producer is None:

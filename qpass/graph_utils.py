@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.convenience
+from onnx_ir.passes.common import NameFixPass
 
 __all__ = [
     "add_initializer",
@@ -104,6 +105,17 @@ def used_names(graph: ir.Graph) -> set[str]:
     for node in graph:
         used.update(o.name for o in node.outputs)
     return used
+
+
+def make_node_names_unique(model: ir.Model) -> bool:
+    """Rename repeated node names (onnxruntime refuses a graph with two nodes of one name) with
+    onnx_ir's NameFixPass; a model whose node names are already unique is left untouched.
+    Returns whether anything was renamed."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        names = [node.name for node in graph if node.name]
+        if len(names) != len(set(names)):
+            return NameFixPass()(model).modified
+    return False
 
 
 def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> str:

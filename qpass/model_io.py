@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
 from qpass.errors import ModelError, OutputError
+from qpass.graph_utils import make_node_names_unique
 
 __all__ = [
     "MIN_INPUT_OPSET",
@@ -149,6 +150,7 @@ def load_model(source: Any, example_inputs: Any = None, *, check: bool = True, *
             f"cannot load a model from {type(source).__name__}: pass an ONNX file path, "
             "an onnx.ModelProto, an onnx_ir.Model or a torch.nn.Module"
         )
+    make_node_names_unique(model)
     if check:
         validate_model(model)
     if opset_of(model) < WORK_OPSET:

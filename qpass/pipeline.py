@@ -30,6 +30,7 @@ import onnx_ir.passes.common
 from qpass import verify as qverify
 from qpass.backends.onnxruntime import is_placeholder, session_bytes
 from qpass.errors import PipelineError, QpassError, VerificationError
+from qpass.graph_utils import make_node_names_unique
 from qpass.pass_base import AnalysisManager, Pass, PassReport, release_manager, use_manager
 
 __all__ = ["Pipeline", "PipelineResult", "PassStats", "check_graph", "check_graph_bytes", "infer_shapes"]
@@ -211,6 +212,7 @@ class Pipeline(ir.passes.InPlacePass):
         preserves = bool(getattr(p, "preserves_float", True))
         if result.modified:
             self.analyses.invalidate()
+            make_node_names_unique(model)
             if not getattr(p, "keeps_shapes", False) or _untyped(model):
                 infer_shapes(model)
         t1 = time.perf_counter()

@@ -144,3 +144,17 @@ def test_save_keeps_the_models_ir_version(tmp_path):
     model.ir_version = 10
     qpass.save_model(model, tmp_path / "m.onnx")
     assert onnx.load(tmp_path / "m.onnx").ir_version == 10
+
+
+def test_repeated_node_names_are_renamed_at_load():
+    """onnxruntime refuses two nodes of one name; the loaded model names them apart and runs."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Neg", ["a"], ["y"], name="n")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.load_model(proto)
+    names = [node.name for node in model.graph]
+    assert names[0] == "n" and len(set(names)) == 2
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(run_model(model, {"x": x})["y"], -np.maximum(x, 0))

@@ -166,6 +166,55 @@ def test_shared_weight_quantizes_every_readers_bias():
     assert input_scales[0] != input_scales[1]
 
 
+def test_head_shared_by_two_levels_gets_uniquely_named_nodes():
+    """One Conv head (weight and bias) applied to two feature levels, as FPN/RetinaNet heads are:
+    each reader gets its own int32 bias, every node name stays unique, and onnxruntime runs it."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["p3"], name="level3", pads=[1, 1, 1, 1]),
+         helper.make_node("MaxPool", ["x"], ["x4"], name="down", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["x4", "W", "B"], ["p4"], name="level4", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["p3"], ["y3"], name="relu3"), helper.make_node("Relu", ["p4"], ["y4"], name="relu4")],
+        "fpn_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y3", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("y4", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    names = [node.name for node in model.graph]
+    assert len(names) == len(set(names))
+    for name in ("level3", "level4"):
+        bias_dq = model.graph.node(name).inputs[2].producer()
+        assert bias_dq.op_type == "DequantizeLinear" and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    feeds = _calib(proto, 4, seed=7)
+    for feed in feeds:
+        ref, got = run_model(ir.from_proto(proto), feed), run_model(model, feed)
+        for k in ref:
+            assert sqnr_db(ref[k], got[k]) > 25
+
+
+def test_pipeline_renames_repeated_node_names():
+    """A pass that leaves two nodes of one name (onnxruntime refuses such a graph) gets them renamed."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class DuplicateNames(qpass.Pass):
+        name = "duplicate-names"
+        preserves_float = True
+
+        def call(self, model):
+            for node in model.graph:
+                node.name = "same"
+            return qpass.PassReport(model, modified=True)
+
+    proto = _conv_model("Conv")
+    result = qpass.run(proto, passes=[DuplicateNames()])
+    names = [node.name for node in result.model.graph]
+    assert len(names) == len(set(names)) and result.stats[0].verification == "ok"
+
+
 def test_maxpool_shares_its_input_parameters():
     proto = _conv_model("Conv")
     model = qpass.quantize(proto, _calib(proto), report=False).model
