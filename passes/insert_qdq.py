@@ -11,7 +11,8 @@ Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales fr
            -> int32 initializer + DequantizeLinear with scale ``s_x * s_w`` (the weight scale
            is enlarged where the bias would overflow int32, ALGORITHMS.md §11.4); so is the
            constant [N] bias of the one Add after such a MatMul where onnxruntime turns the
-           pair into a Gemm (an input of rank 2, or of a static shape): a float bias would
+           pair into a Gemm (an input of rank 2 or of a static shape, or a model whose inputs
+           all have static shapes): a float bias would
            leave that Gemm in float, an int32 one makes it a QGemm;
            activations -> one QuantizeLinear and one DequantizeLinear after the producer,
            consumers read the DequantizeLinear (graph outputs stay float). Outputs of
@@ -227,7 +228,10 @@ class InsertQDQPass(Pass):
             return None
         add, index = uses[0].node, 1 - uses[0].idx
         bias = add.inputs[index]
-        if x.shape is None or len(w.const_value.shape) != 2 or not (x.shape.rank() == 2 or x.shape.is_static()):
+        # onnxruntime fuses when it knows x's shape: rank 2, static, or every graph input static
+        # (then its constant folding resolves all shape arithmetic, which ONNX inference may not)
+        static_graph = all(v.shape is not None and v.shape.is_static() for v in node.graph.inputs)
+        if len(w.const_value.shape) != 2 or not (static_graph or (x.shape is not None and (x.shape.rank() == 2 or x.shape.is_static()))):
             return None
         if bias is None or bias.const_value is None or SPEC_KEY in bias.meta or bias.dtype != out.dtype:
             return None

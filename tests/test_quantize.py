@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import qpass
+from qpass.backends.onnxruntime import fused_op_census
 from qpass.cli import main
 from qpass.demo import demo_calibration, demo_cnn, demo_transformer
 from qpass.verify import run_model, sqnr_db
@@ -134,6 +135,39 @@ def test_matmul_bias_goes_int32_where_onnxruntime_makes_a_gemm():
         assert linear.op_type == "MatMulIntegerToFloat" and len(linear.inputs) == 7
         assert "Add" not in [n.op_type for n in result.model.graph]
         assert not result.report.fused["float_behind_dq"]
+
+
+def test_matmul_bias_goes_int32_when_only_onnxruntime_sees_the_static_shape():
+    """Static model inputs, but the MatMul reads a Reshape whose target is computed (Shape, Gather,
+    Div), which ONNX shape inference leaves unknown: onnxruntime folds that arithmetic, makes the
+    MatMul + Add a Gemm, and needs the int32 bias for a QGemm (classic torch exports of windowed
+    attention and MLPs look like this)."""
+    rng = np.random.default_rng(0)
+    ints = {"zero": [0], "two": [2], "neg": [-1]}
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+         helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch"),
+         helper.make_node("Mul", ["n", "two"], ["n2"], name="double"),
+         helper.make_node("Div", ["n2", "two"], ["n1"], name="halve"),
+         helper.make_node("Concat", ["n1", "neg", "four"], ["target"], name="target", axis=0),
+         helper.make_node("Reshape", ["x", "target"], ["r"], name="windows"),
+         helper.make_node("MatMul", ["r", "W"], ["m"], name="linear"), helper.make_node("Add", ["m", "b"], ["h"], name="bias"),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        "computed_shape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "m", 5])],
+        [*(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()),
+         numpy_helper.from_array(np.array([4], np.int64), "four"),
+         numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert not qpass.load_model(proto).graph.node("linear").inputs[0].shape.is_static()  # the premise
+    # no fold-constants (which would resolve this arithmetic): what onnxruntime folds, qpass may not
+    model = qpass.run(proto, passes="annotate-quant,insert-qdq", context={"calibration": _calib(proto)}).model
+    bias_dq = model.graph.node("bias").inputs[1].producer()
+    assert bias_dq is not None and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    census = fused_op_census(model)
+    assert census["integer"].get("QGemm") == 1 and not census["float_behind_dq"]
 
 
 def test_shared_weight_quantizes_every_readers_bias():

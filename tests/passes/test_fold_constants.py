@@ -86,3 +86,55 @@ def test_graph_without_constants_is_unchanged(kit):
         y = Relu(m)
     }"""
     kit.check_unchanged(FoldConstantsPass(), kit.model(text, W=kit.randn(4, 3)))
+
+
+# F.pad as a classic torch export spells it: the pads come out of ConstantOfShape, Concat,
+# Reshape, Slice and Transpose; a Shape of the padded tensor then feeds a Reshape.
+COMPUTED_PADS = """<ir_version: 8, opset_import: ["" : 17]>
+padded (float[1,2,6,6] x) => (float[1,2,64] y) {
+    four = Constant <value = int64[1] {4}> ()
+    zeros = ConstantOfShape <value = int64[1] {0}> (four)
+    given = Constant <value = int64[4] {1, 1, 1, 1}> ()
+    flat = Concat <axis = 0> (given, zeros)
+    pairs_shape = Constant <value = int64[2] {-1, 2}> ()
+    pairs = Reshape(flat, pairs_shape)
+    starts = Constant <value = int64[1] {-1}> ()
+    ends = Constant <value = int64[1] {-9223372036854775807}> ()
+    axes = Constant <value = int64[1] {0}> ()
+    steps = Constant <value = int64[1] {-1}> ()
+    rev = Slice(pairs, starts, ends, axes, steps)
+    cols = Transpose <perm = [1, 0]> (rev)
+    back = Constant <value = int64[1] {-1}> ()
+    pads = Reshape(cols, back)
+    p = Pad(x, pads)
+    s = Shape(p)
+    zero = Constant <value = int64[1] {0}> ()
+    n = Gather(s, zero)
+    rest = Constant <value = int64[2] {2, -1}> ()
+    target = Concat <axis = 0> (n, rest)
+    y = Reshape(p, target)
+}"""
+
+
+def test_small_constant_of_shape_folds_so_computed_pads_become_constants(kit):
+    """onnxscript keeps ConstantOfShape so as not to grow a model; a small one (pads, shape
+    arithmetic) is folded, and the shapes after the Pad become static."""
+    proto = kit.model(COMPUTED_PADS)
+    model, report = kit.apply(FoldConstantsPass(), proto)
+    pad = kit.node(model, "Pad")
+    assert pad.inputs[1].is_initializer()
+    np.testing.assert_array_equal(pad.inputs[1].const_value.numpy(), [0, 0, 1, 1, 0, 0, 1, 1])
+    assert kit.ops(model) == ["Pad", "Reshape"]
+    assert kit.node(model, "Reshape").inputs[1].is_initializer()
+    kit.check_equivalent(proto, model)
+
+
+def test_large_constant_of_shape_stays(kit):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    mask (float[N,4096] x) => (float[N,4096] y) {
+        shape = Constant <value = int64[1] {4096}> ()
+        ones = ConstantOfShape <value = float[1] {1.0}> (shape)
+        y = Mul(x, ones)
+    }"""
+    model, _ = kit.apply(FoldConstantsPass(), kit.model(text))
+    assert "ConstantOfShape" in kit.ops(model)
