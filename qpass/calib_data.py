@@ -39,6 +39,7 @@ import itertools
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.errors import CalibrationError
+from qpass.graph_utils import indexed_table_rows
 
 __all__ = ["CalibrationSet", "load_calibration"]
 
@@ -65,6 +67,7 @@ class _Input:
     kind: str  # "float", "int" or "bool"
     dims: tuple[int | str | None, ...] | None  # None: unknown shape; str/None entries: symbolic
     required: bool
+    index_rows: int | None = None  # rows of the constant table an integer input indexes (Gather)
 
     def shape_text(self) -> str:
         if self.dims is None:
@@ -329,7 +332,7 @@ def _stacked_set(
         if name not in arrays:
             continue
         spec = inputs[name]
-        loose = _Input(spec.name, spec.dtype, spec.kind, _loose_batch(spec.dims), spec.required)
+        loose = dataclasses.replace(spec, dims=_loose_batch(spec.dims))
         array = _check_array(arrays[name], loose, f"{where}: input '{name}'", check_finite=False)
         if spec.kind == "float":  # after the cast, so values that overflow it count too
             bad = _first_nonfinite(array, batch)
@@ -530,6 +533,13 @@ def _convert(array: np.ndarray, spec: _Input, label: str, *, check_finite: bool 
                 raise CalibrationError(
                     f"{label} holds values in [{low}, {high}], outside the range of the model's {target} input"
                 )
+        rows = spec.index_rows
+        if rows and (array.max() >= rows or array.min() < -rows):
+            bad = array.max() if array.max() >= rows else array.min()
+            raise CalibrationError(
+                f"{label} holds {bad}, but it indexes a table of {rows} rows (values must lie in [{-rows}, {rows - 1}]): "
+                "check that the token ids come from this model's tokenizer"
+            )
         return np.asarray(array, dtype=target)
     # bool input
     if kind == "float":
@@ -557,7 +567,8 @@ def _model_inputs(model: ir.Model) -> dict[str, _Input]:
         dims = None
         if value.shape is not None:
             dims = tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape.dims)
-        inputs[value.name] = _Input(value.name, np_dtype, kind, dims, not value.is_initializer())
+        rows = indexed_table_rows(value) if kind == "int" else None
+        inputs[value.name] = _Input(value.name, np_dtype, kind, dims, not value.is_initializer(), rows)
     if not any(s.required for s in inputs.values()):
         raise CalibrationError("the model has no inputs to calibrate")
     return inputs

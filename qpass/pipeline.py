@@ -181,7 +181,14 @@ class Pipeline(ir.passes.InPlacePass):
             self._checked = session_bytes(model, drop_unused=True)
             reference = current = self.reference_outputs
             if reference is None:
-                reference = current = qverify.run_model(model, feeds, graph=self._checked)
+                try:
+                    reference = current = qverify.run_model(model, feeds, graph=self._checked)
+                except Exception as e:
+                    raise PipelineError(
+                        f"onnxruntime cannot run the input model on the probe batch (the first calibration sample, "
+                        f"or generated inputs): {str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}: "
+                        "check the model and the calibration data"
+                    ) from e
         stats = []
         token = use_manager(self.analyses)
         try:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
+from qpass.graph_utils import indexed_table_rows
 
 __all__ = ["RTOL", "ATOL", "probe_feeds", "run_model", "compare_outputs", "sqnr_db", "sqnr_from_sums"]
 
@@ -39,7 +40,7 @@ def probe_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
         elif dtype == np.bool_:
             feeds[value.name] = np.ones(shape, dtype)
         else:
-            bound = _index_bound(value)
+            bound = indexed_table_rows(value)
             feeds[value.name] = (
                 rng.integers(0, min(bound, 1000), shape).astype(dtype) if bound else np.ones(shape, dtype)
             )
@@ -52,16 +53,6 @@ def _concrete_shape(value: ir.Value) -> tuple[int, ...]:
     return tuple(
         d if isinstance(d, int) else _DYNAMIC_DIM.get(i, 8) for i, d in enumerate(value.shape.dims)
     )
-
-
-def _index_bound(value: ir.Value) -> int | None:
-    for node in value.consumers():
-        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is value:
-            table = node.inputs[0]
-            if table is not None and table.const_value is not None:
-                axis = node.attributes.get_int("axis", 0)
-                return int(table.const_value.shape[axis])
-    return None
 
 
 def run_model(

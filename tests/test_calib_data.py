@@ -423,6 +423,23 @@ def test_integer_out_of_range_for_narrower_input():
         load_calibration([{"i": np.array([2**40], np.int64)}], model)
 
 
+@pytest.mark.parametrize("bad_id", [10, -11])
+def test_token_ids_outside_the_embedding_table(two, tmp_path, bad_id):
+    """ids index a 10-row table: [-10, 9] is accepted, anything else names the input and the table size."""
+    ok = two_sample()
+    ok["ids"][0, :2] = [9, -10]
+    (feed,) = list(load_calibration([ok], two))
+    assert feed["ids"].tolist() == ok["ids"].tolist()
+    bad = two_sample(seed=1)
+    bad["ids"][0, 3] = bad_id
+    with pytest.raises(Err, match=rf"calibration sample 1: input 'ids' holds {bad_id}, but it indexes a table of 10 rows"):
+        list(load_calibration([two_sample(), bad], two))
+    stacked = {k: np.concatenate([two_sample()[k], bad[k]]) for k in bad}  # the .npz path checks all rows at once
+    np.savez(tmp_path / "c.npz", **stacked)
+    with pytest.raises(Err, match="indexes a table of 10 rows"):
+        load_calibration(tmp_path / "c.npz", two)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_inf_names_input_and_sample(two, tmp_path, bad):
     samples = [two_sample(seed=i) for i in range(3)]

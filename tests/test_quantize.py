@@ -591,6 +591,19 @@ def test_cli_quantize_bad_calibration(tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_model_that_onnxruntime_cannot_run_on_the_probe_batch_is_one_clear_error():
+    """A failure of the input model in onnxruntime (here a Reshape the data cannot satisfy) is a
+    QpassError naming the probe batch, not a raw onnxruntime exception."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(np.array([2, 2], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(qpass.errors.PipelineError, match="onnxruntime cannot run the input model on the probe batch"):
+        qpass.run(proto, recipe="fold")
+
+
 @pytest.mark.parametrize("deploy", ["direct", "log2-parity"])
 def test_inline_log_quantized_softmax_gets_no_second_qdq(deploy):
     """quantize-softmax-log(inline=true) emits standard ops whose outputs are already log-quantized
