@@ -3,7 +3,8 @@
 Matches:   Conv, ConvTranspose, Gemm, MatMul (``op_types``): their activation inputs, constant
            weights and (for ops onnxruntime fuses with an output Q: Conv, ConvTranspose,
            Gemm; MatMul when ``quantize_matmul_output``) their output — taken after a single
-           Relu/Clip, which onnxruntime absorbs. A Gemm's output stays float when nothing
+           Relu/Clip, which onnxruntime absorbs; a Conv's also when it is a model output (a
+           detection head: without the Q it would run as a float Conv). A Gemm's output stays float when nothing
            reads it on integers (a classifier's logits): onnxruntime's QGemm writes float
            itself, and calibration then need not run the Gemm. Pooling ops (MaxPool, AveragePool,
            GlobalAveragePool) between quantized tensors get their input and output marked.
@@ -229,7 +230,8 @@ class AnnotateQuantPass(Pass):
                 follower = out.uses()[0].node if len(out.uses()) == 1 else None
                 if follower is not None and follower.op_type in ("Relu", "Clip") and not out.is_graph_output():
                     out = follower.outputs[0]
-                if not out.is_graph_output() and SPEC_KEY not in out.meta:
+                # a Conv writing a model output still needs its output Q to run as QLinearConv
+                if (not out.is_graph_output() or node.op_type == "Conv") and SPEC_KEY not in out.meta:
                     mark(out, act)
                     if node.op_type in _FLOAT_OUTPUT_FUSING and SPEC_KEY in out.meta:
                         optional.append((node, out, None, False))

@@ -15,7 +15,8 @@ Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales fr
            all have static shapes): a float bias would
            leave that Gemm in float, an int32 one makes it a QGemm;
            activations -> one QuantizeLinear and one DequantizeLinear after the producer,
-           consumers read the DequantizeLinear (graph outputs stay float). Outputs of
+           consumers read the DequantizeLinear (a marked model output becomes the
+           DequantizeLinear's output, under its own name; unmarked outputs stay float). Outputs of
            data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
            Resize) reuse their input's scale and zero-point, so onnxruntime can run them on
            integers. A product by a positive scalar constant k (Mul by k, Div by 1/k) is not
@@ -177,6 +178,7 @@ class InsertQDQPass(Pass):
                         counts["group-wise weights"] += 1
                 node.replace_input_with(i, weight_done[value.name])
         codes: dict[str, ir.Value] = {}  # value name -> the QuantizeLinear output holding its codes
+        self._output_swaps: list[tuple[ir.Value, ir.Value]] = []
         for name in acts:
             value = values[name]
             scale, zero, spec = params[name]
@@ -188,6 +190,11 @@ class InsertQDQPass(Pass):
             else:
                 codes[name] = self._insert_pair(graph, value, scale, zero, spec)
             counts["activations"] += 1
+        for value, dequantized in self._output_swaps:  # a quantized model output keeps its name
+            index, name = list(graph.outputs).index(value), value.name
+            value.name = unique_name(graph, f"{name}_float", self._taken)
+            dequantized.name = name
+            graph.outputs[index] = dequantized
         report.rewritten = counts["weights"] + counts["activations"]
         report.details = dict(counts)
         if report.rewritten and raise_opset_if_needed(model):
@@ -336,3 +343,5 @@ class InsertQDQPass(Pass):
             graph.insert_after(producer, [*new_nodes, dq])
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])
+        if value.is_graph_output():  # the model output becomes the DequantizeLinear's (after the loop: names key it)
+            self._output_swaps.append((value, dq.outputs[0]))

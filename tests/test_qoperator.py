@@ -200,16 +200,16 @@ def test_contrib_ops_lower_elementwise_concat_and_pools():
     qdq = _qdq(_ops_cnn)
     plain = to_qoperator(qdq)
     assert {n.domain for n in plain.graph} == {""}
-    assert _census(plain)["QLinearConv"] == 3 and _census(plain)["Sigmoid"] == 1
+    assert _census(plain)["QLinearConv"] == 4 and _census(plain)["Sigmoid"] == 1
     qop = to_qoperator(qdq, contrib_ops=True)
     ops = _census(qop)
     for op in ("QLinearSigmoid", "QLinearMul", "QLinearLeakyRelu", "QLinearAdd", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool"):
         assert ops[op] == 1, op
-    assert ops["QLinearConv"] == 3 and ops["Conv"] == 1  # the head's output is float: no Q to fold
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0  # the head writing the model output too
     assert qop.opset_imports["com.microsoft"] == 1
     assert all(n.domain == "com.microsoft" for n in qop.graph if n.op_type in ("QLinearSigmoid", "QLinearConcat"))
     _check(qop)
-    assert _assert_codes_match(qdq, qop, _feeds(_ops_cnn)) == 10
+    assert _assert_codes_match(qdq, qop, _feeds(_ops_cnn)) == 11
     _assert_close_to_qdq(qdq, qop, _feeds(_ops_cnn))
 
 

@@ -249,6 +249,19 @@ def test_pipeline_renames_repeated_node_names():
     assert len(names) == len(set(names)) and result.stats[0].verification == "ok"
 
 
+def test_conv_writing_a_model_output_runs_on_integers_and_keeps_the_output_name():
+    """A detection head's Conv whose output is a model output gets Q/DQ there, so onnxruntime runs
+    it as QLinearConv (left float it ran as a float Conv); the model output keeps its name."""
+    proto = _conv_model("Conv")  # ... -> MaxPool -> Conv "head" -> graph output z
+    result = qpass.quantize(proto, _calib(proto))
+    graph = result.model.graph
+    assert [o.name for o in graph.outputs] == ["z"]
+    assert graph.outputs[0].producer().op_type == "DequantizeLinear"
+    assert graph.node("head").outputs[0].uses()[0].node.op_type == "QuantizeLinear"
+    assert result.report.fused["integer"].get("QLinearConv") == 2 and not result.report.fused["float_behind_dq"]
+    assert result.report.output_sqnr_db["z"] > 25
+
+
 def test_maxpool_shares_its_input_parameters():
     proto = _conv_model("Conv")
     model = qpass.quantize(proto, _calib(proto), report=False).model
@@ -502,8 +515,8 @@ def test_hardswish_squeeze_excite_and_relu6_run_on_integers():
     proto = _hardswish_se_cnn()
     result = qpass.quantize(proto, _calib(proto, 32))
     fused = result.report.fused
-    assert fused["float_behind_dq"] == {"Conv": 1}  # the last Conv writes the float graph output
-    assert fused["integer"].get("QLinearConv") == 4 and fused["integer"].get("QLinearGlobalAveragePool") == 1
+    assert fused["float_behind_dq"] == {}  # the last Conv, writing the graph output, too
+    assert fused["integer"].get("QLinearConv") == 5 and fused["integer"].get("QLinearGlobalAveragePool") == 1
     assert fused["integer"].get("QLinearAdd") == 2 and fused["integer"].get("QLinearMul") == 2
     assert result.report.output_sqnr_db["y"] > 25
     graph = result.model.graph
