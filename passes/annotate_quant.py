@@ -272,10 +272,11 @@ class AnnotateQuantPass(Pass):
             follower = out.uses()[0].node if len(out.uses()) == 1 else None
             if node.op_type in ("Add", "Mul") and not scaled and follower is not None and follower.op_type in ("Relu", "Clip"):
                 out = follower.outputs[0]
-            if out.is_graph_output() or SPEC_KEY in out.meta or _log_quantized(out) or not out.dtype or not out.dtype.is_floating_point():
-                continue
-            out.meta[SPEC_KEY] = self._output_spec(node)
-            candidates.append((node, out, constant, True))
+            for out in node.outputs if node.op_type == "Split" else [out]:  # each piece of a Split
+                if out.is_graph_output() or SPEC_KEY in out.meta or _log_quantized(out) or not out.dtype or not out.dtype.is_floating_point():
+                    continue
+                out.meta[SPEC_KEY] = self._output_spec(node)
+                candidates.append((node, out, constant, True))
         return candidates
 
     def _unmark_float_only(self, model: ir.Model, candidates: list, marked: Counter, report: PassReport) -> None:

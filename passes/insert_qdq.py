@@ -17,7 +17,7 @@ Rewrites:  constant weights -> integer initializer + DequantizeLinear (scales fr
            activations -> one QuantizeLinear and one DequantizeLinear after the producer,
            consumers read the DequantizeLinear (a marked model output becomes the
            DequantizeLinear's output, under its own name; unmarked outputs stay float). Outputs of
-           data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
+           data-movement ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice, Split,
            Resize) reuse their input's scale and zero-point, so onnxruntime can run them on
            integers. A product by a positive scalar constant k (Mul by k, Div by 1/k) is not
            computed: its readers read a DequantizeLinear of its input's codes at k times the

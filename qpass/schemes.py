@@ -17,7 +17,7 @@ __all__ = ["QuantSpec", "SPEC_KEY", "LOG_QUANTIZED_KEY", "valid_scale", "SHARED_
 SPEC_KEY = "qpass.quant_spec"
 LOG_QUANTIZED_KEY = "qpass.log_quantized"  # value.meta mark: already quantized by a log quantizer
 # data-movement ops: their quantized output reuses the input's scale and zero-point
-SHARED_PARAMETER_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize")
+SHARED_PARAMETER_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Resize")
 
 INT_RANGES = {
     "int8": (-128, 127),

@@ -262,6 +262,35 @@ def test_conv_writing_a_model_output_runs_on_integers_and_keeps_the_output_name(
     assert result.report.output_sqnr_db["z"] > 25
 
 
+def test_split_pieces_share_their_input_parameters_so_the_concat_runs_on_integers():
+    """torch.chunk exported by dynamo is Split(num_outputs=2); each piece takes its input's scale
+    and zero-point, so the C2f-style Concat after it runs as QLinearConcat, not in float."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["c"], name="cv1"),
+         helper.make_node("Split", ["c"], ["a", "b"], name="chunk", axis=1, num_outputs=2),
+         helper.make_node("Conv", ["b", "W2"], ["m"], name="bottleneck", pads=[1, 1, 1, 1]),
+         helper.make_node("Concat", ["a", "b", "m"], ["cat"], name="cat", axis=1),
+         helper.make_node("Conv", ["cat", "W3"], ["y"], name="cv2")],
+        "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W2"),
+         numpy_helper.from_array(rng.standard_normal((8, 12, 1, 1)).astype(np.float32), "W3")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = qpass.quantize(proto, _calib(proto))
+    split = result.model.graph.node("chunk")
+    source = split.inputs[0].producer()  # reads the DequantizeLinear of the Conv's output
+    for piece in split.outputs:
+        q = next(u.node for u in piece.uses() if u.node.op_type == "QuantizeLinear")
+        assert q.inputs[1].const_value.numpy() == source.inputs[1].const_value.numpy()
+        assert q.inputs[2].const_value.numpy() == source.inputs[2].const_value.numpy()
+    fused = result.report.fused
+    assert fused["integer"].get("QLinearConcat") == 1 and fused["integer"].get("QLinearConv") == 3
+    assert not fused["float_behind_dq"]
+
+
 def test_maxpool_shares_its_input_parameters():
     proto = _conv_model("Conv")
     model = qpass.quantize(proto, _calib(proto), report=False).model
