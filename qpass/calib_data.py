@@ -35,11 +35,11 @@ type (float64 -> float32), integers to the input's integer type when the values 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
