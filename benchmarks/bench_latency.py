@@ -87,8 +87,8 @@ def main() -> None:
            "settings": f"{WARMUP} warm-up, {ROUNDS} rounds x {RUNS} runs, ORT_ENABLE_ALL"}
     print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     rows = []
-    print(f"| model, feed | threads | qpass ms (min / median) | ort best ms (min / median) | float ms (median) | "
-          f"ratio (min / median) | rounds qpass faster |")
+    print("| model, feed | threads | qpass ms (min / median) | ort best ms (min / median) | float ms (median) | "
+          "ratio (min / median) | rounds qpass faster |")
     print("|---|---:|---|---|---:|---|---:|")
     for model, label, feed in feeds:
         src = srcs[model]

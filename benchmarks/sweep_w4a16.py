@@ -152,7 +152,6 @@ def main(argv=None) -> int:
             ref = w4a16_gemm(x, packed, s, backend="reference").float()
             xc = x.cuda()
             fp16_ms = time_calls([lambda w=w: torch.matmul(xc, w.T) for w in w_fp16])
-            y_auto = torch.empty(M, N, device=dev, dtype=torch.float16)
             auto_ms = time_calls([lambda w=w: w4a16_gemm(xc, w, s_cuda) for w in ws_list])
             base = {"K": K, "N": N, "M": M, "fp16_us": fp16_ms * 1e3, "shipped_auto_us": auto_ms * 1e3}
             print(f"\nK={K} N={N} M={M}: fp16 {fp16_ms * 1e3:.2f} us, shipped auto {auto_ms * 1e3:.2f} us "
