@@ -152,6 +152,34 @@ def test_trilu_matches_onnxruntime(upper):
     np.testing.assert_array_equal(lower(model, "cpu")(x=x)["y"].numpy(), run_model(model, {"x": x})["y"])
 
 
+@pytest.mark.parametrize("split", ["num_outputs", "sizes"])
+def test_split_c2f_block_with_a_quantized_model_output_matches_onnxruntime(split):
+    """A C2f-style block (Conv, Split into shared-parameter pieces, Concat, Conv writing the model
+    output through its own Q/DQ) lowers and matches onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inputs, attrs, inits = (["c"], {"num_outputs": 2}, []) if split == "num_outputs" else (["c", "sizes"], {}, [
+        numpy_helper.from_array(np.array([3, 5], np.int64), "sizes")])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["c"], name="cv1"),
+         helper.make_node("Split", inputs, ["a", "b"], name="chunk", axis=1, **attrs),
+         helper.make_node("Concat", ["a", "b", "a"], ["cat"], name="cat", axis=1),
+         helper.make_node("Conv", ["cat", "W2"], ["y"], name="cv2", pads=[1, 1, 1, 1])],
+        "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((4, 12 if split == "num_outputs" else 11, 3, 3)).astype(np.float32), "W2"),
+         *inits])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = qpass.quantize(proto, demo_calibration(proto, 8), report=False).model
+    program = lower(model, "cpu")
+    for feeds in demo_calibration(proto, 2, seed=5):
+        expected = run_model(model, feeds)["y"]
+        got = program(**{k: torch.from_numpy(v) for k, v in feeds.items()})["y"].numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max() + 1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_replays_like_the_op_by_op_run():
     proto = demo_transformer()

@@ -169,6 +169,18 @@ def _softmax(node, x):
     return x.softmax(dim=attr(node, "axis", -1))
 
 
+def _split(node, x, split=None):
+    """Split along ``axis``: by the ``split`` sizes (input, or attribute below opset 13), else into
+    ``num_outputs`` (or as many as the node has outputs) pieces, the last one smaller if need be."""
+    axis = attr(node, "axis", 0) % x.dim()
+    sizes = split.tolist() if split is not None else attr(node, "split")
+    if sizes is None:
+        pieces = attr(node, "num_outputs") or len(node.outputs)
+        step = -(-x.shape[axis] // pieces)
+        sizes = [min(step, x.shape[axis] - i * step) for i in range(pieces)]
+    return tuple(_t().split(x, [int(s) for s in sizes], dim=axis))
+
+
 def _t():
     return _torch()
 
@@ -229,6 +241,7 @@ OPS: Mapping[str, Callable[..., Any]] = {
     "Gather": lambda n, x, i: _t().index_select(x, attr(n, "axis", 0) % x.dim(), i.reshape(-1).long()).reshape(
         *x.shape[: attr(n, "axis", 0) % x.dim()], *i.shape, *x.shape[attr(n, "axis", 0) % x.dim() + 1:]),
     "Slice": _slice,
+    "Split": _split,
     "Shape": lambda n, x: _t().tensor(list(x.shape), dtype=_t().int64),
     "Cast": _cast,
     "Identity": lambda n, x: x,
