@@ -230,8 +230,9 @@ class AnnotateQuantPass(Pass):
                 follower = out.uses()[0].node if len(out.uses()) == 1 else None
                 if follower is not None and follower.op_type in ("Relu", "Clip") and not out.is_graph_output():
                     out = follower.outputs[0]
-                # a Conv writing a model output still needs its output Q to run as QLinearConv
-                if (not out.is_graph_output() or node.op_type == "Conv") and SPEC_KEY not in out.meta:
+                # a Conv writing a model output still needs its output Q to run as QLinearConv (not
+                # for fewer levels than the storage type: simulation studies, no integer kernel to gain)
+                if (not out.is_graph_output() or (node.op_type == "Conv" and not act.restricted)) and SPEC_KEY not in out.meta:
                     mark(out, act)
                     if node.op_type in _FLOAT_OUTPUT_FUSING and SPEC_KEY in out.meta:
                         optional.append((node, out, None, False))

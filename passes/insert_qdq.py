@@ -127,6 +127,23 @@ def _weight_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarr
     return scale.reshape(()), zero.reshape(()), None
 
 
+_VALUE_DEPENDENT_SHAPES = ("NonZero", "Compress", "Unique", "NonMaxSuppression", "Loop", "Scan", "If")
+
+
+def _static_shapes_everywhere(graph: ir.Graph) -> bool:
+    """Every graph input has a static shape and no op's output shape depends on input values (a
+    TopK or Range whose bounds are not constants counts as one)."""
+    if not graph.inputs or not all(v.shape is not None and v.shape.is_static() for v in graph.inputs):
+        return False
+    for node in graph:
+        if node.op_type in _VALUE_DEPENDENT_SHAPES:
+            return False
+        bounds = node.inputs[1:2] if node.op_type == "TopK" else node.inputs if node.op_type == "Range" else ()
+        if any(v is not None and v.const_value is None for v in bounds):
+            return False
+    return True
+
+
 @dataclasses.dataclass
 class InsertQDQPass(Pass):
     name = "insert-qdq"
@@ -191,10 +208,11 @@ class InsertQDQPass(Pass):
                 codes[name] = self._insert_pair(graph, value, scale, zero, spec)
             counts["activations"] += 1
         for value, dequantized in self._output_swaps:  # a quantized model output keeps its name
-            index, name = list(graph.outputs).index(value), value.name
+            name = value.name
             value.name = unique_name(graph, f"{name}_float", self._taken)
             dequantized.name = name
-            graph.outputs[index] = dequantized
+            for index in [i for i, v in enumerate(graph.outputs) if v is value]:
+                graph.outputs[index] = dequantized
         report.rewritten = counts["weights"] + counts["activations"]
         report.details = dict(counts)
         if report.rewritten and raise_opset_if_needed(model):
@@ -235,9 +253,10 @@ class InsertQDQPass(Pass):
             return None
         add, index = uses[0].node, 1 - uses[0].idx
         bias = add.inputs[index]
-        # onnxruntime fuses when it knows x's shape: rank 2, static, or every graph input static
-        # (then its constant folding resolves all shape arithmetic, which ONNX inference may not)
-        static_graph = all(v.shape is not None and v.shape.is_static() for v in node.graph.inputs)
+        # onnxruntime fuses when it knows x's shape: rank 2, static, or every graph input static and
+        # no shape depends on input values (then its constant folding resolves all shape arithmetic,
+        # which ONNX inference may not)
+        static_graph = _static_shapes_everywhere(node.graph)
         if len(w.const_value.shape) != 2 or not (static_graph or (x.shape is not None and (x.shape.rank() == 2 or x.shape.is_static()))):
             return None
         if bias is None or bias.const_value is None or SPEC_KEY in bias.meta or bias.dtype != out.dtype:
@@ -343,5 +362,6 @@ class InsertQDQPass(Pass):
             graph.insert_after(producer, [*new_nodes, dq])
         for user, idx in users:
             user.replace_input_with(idx, dq.outputs[0])
-        if value.is_graph_output():  # the model output becomes the DequantizeLinear's (after the loop: names key it)
+        if value.is_graph_output() and producer is not None:  # the model output becomes the DequantizeLinear's
+            # (after the loop, where names key the parameters; a model input passed through stays as it is)
             self._output_swaps.append((value, dq.outputs[0]))

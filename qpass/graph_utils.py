@@ -108,14 +108,12 @@ def used_names(graph: ir.Graph) -> set[str]:
 
 
 def indexed_table_rows(value: ir.Value) -> int | None:
-    """Rows of the constant table a Gather reads with ``value`` as its indices (an embedding's
-    vocabulary size for token ids); None when no such Gather reads it."""
-    for node in value.consumers():
-        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is value:
-            table = node.inputs[0]
-            if table is not None and table.const_value is not None:
-                return int(table.const_value.shape[node.attributes.get_int("axis", 0)])
-    return None
+    """Rows of the constant table(s) a Gather reads with ``value`` as its indices (an embedding's
+    vocabulary size for token ids; the smallest, if several); None when no such Gather reads it."""
+    rows = [int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)]) for node in value.consumers()
+            if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is value
+            and node.inputs[0] is not None and node.inputs[0].const_value is not None]
+    return min(rows) if rows else None
 
 
 def make_node_names_unique(model: ir.Model) -> bool:

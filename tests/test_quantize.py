@@ -291,6 +291,49 @@ def test_split_pieces_share_their_input_parameters_so_the_concat_runs_on_integer
     assert not fused["float_behind_dq"]
 
 
+def test_model_outputs_keep_their_names_when_an_input_passes_through_or_an_output_repeats():
+    """A model input that is also a model output stays as it is; a quantized output listed twice keeps
+    both entries; the model runs and its interface is unchanged."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="head", pads=[1, 1, 1, 1])], "passthrough",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 6, 6]) for n in ("x", "y", "y")],
+        [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.quantize(proto, _calib(proto), report=False).model
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    assert [v.name for v in model.graph.outputs] == ["x", "y", "y"]
+    assert model.graph.outputs[0] is model.graph.inputs[0]
+    assert model.graph.outputs[1] is model.graph.outputs[2] and model.graph.outputs[1].producer().op_type == "DequantizeLinear"
+    feed = _calib(proto, 1, seed=3)[0]
+    assert sqnr_db(run_model(ir.from_proto(proto), feed)["y"], run_model(model, feed)["y"]) > 25
+
+
+def test_matmul_bias_stays_float_when_a_shape_depends_on_input_values():
+    """Static inputs, but a Slice bound comes from NonZero: onnxruntime cannot fold that shape, keeps
+    MatMul + Add apart (MatMulIntegerToFloat), and reads the float bias."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["nz"], name="nonzero"), helper.make_node("Shape", ["nz"], ["s"], name="shape"),
+         helper.make_node("Gather", ["s", "one"], ["count"], name="count"),
+         helper.make_node("Min", ["count", "six"], ["end"], name="end"),
+         helper.make_node("Slice", ["x", "zero", "end", "one"], ["sl"], name="slice"),
+         helper.make_node("MatMul", ["sl", "W"], ["m"], name="linear"), helper.make_node("Add", ["m", "b"], ["y"], name="bias")],
+        "value_dependent", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "n", 5])],
+        [numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         numpy_helper.from_array(np.array([6], np.int64), "six"),
+         numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = qpass.run(proto, passes="annotate-quant,insert-qdq", context={"calibration": _calib(proto)}).model
+    assert model.graph.node("bias").inputs[1].const_value is not None  # the float bias, as it was
+    assert not fused_op_census(model)["float_behind_dq"]
+
+
 def test_maxpool_shares_its_input_parameters():
     proto = _conv_model("Conv")
     model = qpass.quantize(proto, _calib(proto), report=False).model
