@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qpass.errors import CalibrationError
+from qpass.errors import CalibrationError, first_line
 from qpass.graph_utils import indexed_table_rows
 
 __all__ = ["CalibrationSet", "load_calibration"]
@@ -244,7 +244,7 @@ def _iterable_set(source: Iterable, inputs: Mapping[str, _Input], limit: int | N
     try:
         iterator = iter(source)
     except Exception as e:
-        raise CalibrationError(f"cannot iterate the calibration data ({origin}): {_first_line(e)}") from e
+        raise CalibrationError(f"cannot iterate the calibration data ({origin}): {first_line(e)}") from e
     one_shot = iterator is source
     try:
         first = next(iterator)
@@ -253,7 +253,7 @@ def _iterable_set(source: Iterable, inputs: Mapping[str, _Input], limit: int | N
     except CalibrationError:
         raise
     except Exception as e:
-        raise CalibrationError(f"reading calibration sample 0 from {origin} failed: {_first_line(e)}") from e
+        raise CalibrationError(f"reading calibration sample 0 from {origin} failed: {first_line(e)}") from e
     _to_feed(first, inputs, 0, "")
     length = None
     if not one_shot:
@@ -289,7 +289,7 @@ def _guarded(items: Iterator[Any], origin: str) -> Iterator[Sample]:
         except CalibrationError:
             raise
         except Exception as e:
-            raise CalibrationError(f"reading calibration sample {index} from {origin} failed: {_first_line(e)}") from e
+            raise CalibrationError(f"reading calibration sample {index} from {origin} failed: {first_line(e)}") from e
         yield "", item
         index += 1
 
@@ -402,9 +402,9 @@ def _read_file(path: Path, inputs: Mapping[str, _Input], where: str | None = Non
         text = str(e)
         if "pickle" in text or "Object arrays" in text or "Python objects" in text:
             raise CalibrationError(_pickled(where)) from e
-        raise CalibrationError(f"{where} is corrupt or truncated ({_first_line(e)}): re-save it") from e
+        raise CalibrationError(f"{where} is corrupt or truncated ({first_line(e)}): re-save it") from e
     except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-        raise CalibrationError(f"{where} is corrupt or truncated ({_first_line(e)}): re-save it") from e
+        raise CalibrationError(f"{where} is corrupt or truncated ({first_line(e)}): re-save it") from e
 
 
 def _pickled(where: str) -> str:
@@ -631,8 +631,3 @@ def _capped(count: int, limit: int | None) -> int:
 
 def _names(names: Iterable[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

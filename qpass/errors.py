@@ -8,6 +8,7 @@ __all__ = [
     "PipelineError",
     "VerificationError",
     "UnknownNameError",
+    "first_line",
 ]
 
 
@@ -37,3 +38,9 @@ class VerificationError(PipelineError):
 
 class UnknownNameError(QpassError):
     """A pass, recipe or option name that does not exist."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type name when empty), at most 300 characters."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

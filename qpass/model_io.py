@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from qpass.backends import onnxruntime as ort_backend
-from qpass.errors import ModelError, OutputError
+from qpass.errors import ModelError, OutputError, first_line
 from qpass.graph_utils import make_node_names_unique
 
 __all__ = [
@@ -188,7 +188,7 @@ def _load_path(path: Path) -> ir.Model:
         if has_external:
             ir.external_data.set_base_dir(model.graph, path.parent)
     except Exception as e:
-        raise ModelError(f"cannot read model '{path}': {_first_line(e)}") from e
+        raise ModelError(f"cannot read model '{path}': {first_line(e)}") from e
     del proto
     _own_weights(model)
     _run_checker(model, f"'{path}'")
@@ -202,7 +202,7 @@ def _run_checker(model: ir.Model, where: str) -> None:
     try:
         check_graph(model, infer=False)
     except Exception as e:
-        raise ModelError(f"{where} fails the ONNX checker: {_first_line(e)}") from e
+        raise ModelError(f"{where} fails the ONNX checker: {first_line(e)}") from e
 
 
 def _own_weights(model: ir.Model) -> None:
@@ -337,7 +337,7 @@ def _upgrade_opset(model: ir.Model) -> ir.Model:
         raise ModelError(
             f"cannot upgrade the model from opset {old} to {WORK_OPSET}"
             + (f" (op '{op}')" if op else "")
-            + f": {_first_line(e)}; re-export it at opset >= {WORK_OPSET}"
+            + f": {first_line(e)}; re-export it at opset >= {WORK_OPSET}"
         ) from e
     new_model = ir.from_proto(converted)
     new_graph = new_model.graph
@@ -507,8 +507,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
     except OSError:
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -29,7 +29,7 @@ import onnx_ir.passes.common
 
 from qpass import verify as qverify
 from qpass.backends.onnxruntime import is_placeholder, session_bytes
-from qpass.errors import PipelineError, QpassError, VerificationError
+from qpass.errors import PipelineError, QpassError, VerificationError, first_line
 from qpass.graph_utils import make_node_names_unique
 from qpass.pass_base import AnalysisManager, Pass, PassReport, release_manager, use_manager
 
@@ -186,7 +186,7 @@ class Pipeline(ir.passes.InPlacePass):
                 except Exception as e:
                     raise PipelineError(
                         f"onnxruntime cannot run the input model on the probe batch (the first calibration sample, "
-                        f"or generated inputs): {str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}: "
+                        f"or generated inputs): {first_line(e)}: "
                         "check the model and the calibration data"
                     ) from e
         stats = []
@@ -273,13 +273,13 @@ class Pipeline(ir.passes.InPlacePass):
             check_graph_bytes(graph[0])
         except Exception as e:
             raise VerificationError(
-                f"pass '{name}' produced an invalid graph: {str(e).strip().splitlines()[0][:300]}"
+                f"pass '{name}' produced an invalid graph: {first_line(e)}"
             ) from e
         try:
             outputs = qverify.run_model(model, feeds, graph=graph)
         except Exception as e:
             raise VerificationError(
-                f"pass '{name}' produced a model onnxruntime cannot run: {str(e).strip().splitlines()[0][:300]}"
+                f"pass '{name}' produced a model onnxruntime cannot run: {first_line(e)}"
             ) from e
         self._checked = graph
         return outputs
