@@ -180,6 +180,7 @@ class InsertQDQPass(Pass):
             act_params(values[name])
 
         weight_done: dict[str, ir.Value] = {}
+        static_graph = _static_shapes_everywhere(graph)
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 continue
@@ -188,7 +189,7 @@ class InsertQDQPass(Pass):
                     continue
                 if value.name not in weight_done:
                     # every reader's bias becomes int32 at its own s_x * s_w (a weight may be shared)
-                    biases = [b for use in value.uses() if (b := self._bias_of(use.node, use.idx, params)) is not None]
+                    biases = [b for use in value.uses() if (b := self._bias_of(use.node, use.idx, params, static_graph)) is not None]
                     weight_done[value.name] = self._quantize_weight(graph, node, value, biases, params)
                     counts["weights"] += 1
                     if value.meta[SPEC_KEY].granularity == "group":
@@ -225,7 +226,7 @@ class InsertQDQPass(Pass):
         return report
 
     @staticmethod
-    def _bias_of(node: ir.Node, weight_index: int, params) -> tuple[ir.Node, ir.Node, int] | None:
+    def _bias_of(node: ir.Node, weight_index: int, params, static_graph: bool) -> tuple[ir.Node, ir.Node, int] | None:
         """(reader, holder, input index) of the float bias that goes int32 with ``node``'s weight:
         a Conv/ConvTranspose/Gemm's own bias, or the bias Add after a MatMul (see the module doc)."""
         if weight_index != 1 or node.inputs[1].meta[SPEC_KEY].granularity == "group":
@@ -234,7 +235,7 @@ class InsertQDQPass(Pass):
         if x is None or x.name not in params or params[x.name][0].size != 1:
             return None
         if node.op_type == "MatMul":
-            return InsertQDQPass._matmul_bias(node)
+            return InsertQDQPass._matmul_bias(node, static_graph)
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
             return None
         bias = node.inputs[2]
@@ -245,8 +246,9 @@ class InsertQDQPass(Pass):
         return node, node, 2
 
     @staticmethod
-    def _matmul_bias(node: ir.Node) -> tuple[ir.Node, ir.Node, int] | None:
-        """The bias Add after a MatMul that onnxruntime's MatMul+Add fusion makes a Gemm."""
+    def _matmul_bias(node: ir.Node, static_graph: bool) -> tuple[ir.Node, ir.Node, int] | None:
+        """The bias Add after a MatMul that onnxruntime's MatMul+Add fusion makes a Gemm;
+        ``static_graph``: :func:`_static_shapes_everywhere` of the graph."""
         x, w, out = node.inputs[0], node.inputs[1], node.outputs[0]
         uses = list(out.uses())
         if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add" or w.const_value is None:
@@ -256,7 +258,6 @@ class InsertQDQPass(Pass):
         # onnxruntime fuses when it knows x's shape: rank 2, static, or every graph input static and
         # no shape depends on input values (then its constant folding resolves all shape arithmetic,
         # which ONNX inference may not)
-        static_graph = _static_shapes_everywhere(node.graph)
         if len(w.const_value.shape) != 2 or not (static_graph or (x.shape is not None and (x.shape.rank() == 2 or x.shape.is_static()))):
             return None
         if bias is None or bias.const_value is None or SPEC_KEY in bias.meta or bias.dtype != out.dtype:
